@@ -1,0 +1,436 @@
+"""The typed configuration tree: defaults → YAML files (with `base:` inheritance) → dotted overrides.
+
+Every layer is checked against the dataclass schema as it is read, so an error names the key *and* where it came
+from (the YAML file or the command-line override). The result is a frozen picture of the run: `to_dict()` /
+`save_run_config()` write it back as YAML, and loading that file again gives the same Config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from dtrain.errors import DtrainError
+
+
+class ConfigError(DtrainError):
+    """A one-line, user-facing configuration error (names the key, the source and the fix)."""
+
+
+def opt(default: Any, help: str, **checks: Any) -> Any:
+    """A config field with its help text (shown by `dtrain config keys`) and optional range checks.
+
+    checks: ge/gt/le/lt bounds for numbers.
+    """
+    meta = {"help": help, **checks}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The schema. Sections are filled in by the parts that read them; every field has a help text.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt("bert-base-uncased", "Preset (tiny, bert-base-uncased, ...) or a local HF checkpoint dir")
+    dropout: float | None = opt(None, "Override hidden and attention dropout; null keeps the checkpoint's", ge=0, lt=1)
+    attn_implementation: Literal["sdpa", "eager"] = opt("sdpa", "Attention kernel: sdpa (fused) or eager")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory")
+
+
+@dataclass
+class DataConfig:
+    train: str | None = opt(None, "Prepared training dataset dir (output of `dtrain prepare`)")
+    eval: str | None = opt(None, "Prepared evaluation dataset dir")
+    test: str | None = opt(None, "Prepared test dataset dir (reported once at the end)")
+    max_seq_len: int = opt(128, "Maximum tokens per sequence, [CLS] and [SEP] included", ge=8, le=8192)
+    micro_batch_size: int = opt(32, "Sequences per device per forward pass", ge=1)
+    num_workers: int = opt(2, "DataLoader worker processes per rank", ge=0)
+    shuffle: bool = opt(True, "Shuffle shards and samples each epoch (deterministic from seed and epoch)")
+    drop_last: bool = opt(True, "Drop the last incomplete global batch of an epoch instead of padding it")
+    mlm_probability: float = opt(0.15, "Fraction of tokens selected for MLM prediction", gt=0, lt=1)
+    whole_word_masking: bool = opt(False, "Mask all WordPiece pieces of a word together")
+    max_predictions_per_seq: int = opt(20, "Cap on masked positions per sequence", ge=1)
+    nsp_probability: float = opt(0.5, "Fraction of NSP pairs whose second segment is the true next one", ge=0, le=1)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "lamb"] = opt("adamw", "Optimizer")
+    lr: float = opt(1e-4, "Peak learning rate", gt=0)
+    weight_decay: float = opt(0.01, "Decoupled weight decay (not applied to biases and LayerNorm)", ge=0)
+    betas: list[float] = opt([0.9, 0.999], "Adam/LAMB beta1, beta2")
+    eps: float = opt(1e-6, "Adam/LAMB epsilon", gt=0)
+    max_grad_norm: float | None = opt(1.0, "Clip the global gradient norm to this; null disables", gt=0)
+    layerwise_lr_decay: float = opt(1.0, "Per-layer LR multiplier from the top layer down (1.0 = off)", gt=0, le=1)
+
+
+@dataclass
+class ScheduleConfig:
+    max_steps: int | None = opt(None, "Optimizer steps to train; null = run `epochs` epochs", ge=1)
+    epochs: float = opt(1.0, "Epochs to train when max_steps is null", gt=0)
+    grad_accum_steps: int = opt(1, "Micro-batches accumulated per optimizer step", ge=1)
+    warmup: float = opt(0.06, "Warmup: a fraction of all steps if < 1, else a number of steps", ge=0)
+    decay: Literal["linear", "cosine", "constant", "poly"] = opt("linear", "LR decay after warmup")
+    eval_every_steps: int | None = opt(None, "Evaluate every N optimizer steps; null = once per epoch", ge=1)
+    early_stopping_patience: int | None = opt(None, "Stop after N evaluations without improvement", ge=1)
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Literal["fp32", "bf16", "fp16"] = opt("fp32", "Compute precision (fp16 uses dynamic loss scaling)")
+    initial_loss_scale_power: int = opt(16, "fp16: initial loss scale is 2**this", ge=0, le=32)
+    loss_scale_window: int = opt(1000, "fp16: steps without overflow before the scale doubles", ge=1)
+    min_loss_scale: float = opt(1.0, "fp16: the scale never goes below this", gt=0)
+
+
+@dataclass
+class ParallelConfig:
+    engine: Literal["ddp", "deepspeed"] = opt("ddp", "Training engine: torch DDP or DeepSpeed")
+    zero_stage: Literal[0, 1, 2, 3] = opt(0, "DeepSpeed ZeRO stage")
+    backend: Literal["auto", "nccl", "gloo"] = opt("auto", "Process-group backend; auto = nccl on GPU, gloo on CPU")
+    deepspeed_config: str | None = opt(None, "JSON file merged over the DeepSpeed config dtrain generates")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int | None = opt(None, "Save a checkpoint every N optimizer steps; null = at the end only", ge=1)
+    keep_last: int = opt(3, "How many recent checkpoints to keep", ge=1)
+    resume: str = opt("auto", "auto (latest in run_dir), none, or a checkpoint dir")
+    export: bool = opt(True, "Export the final model in Hugging Face format to <run_dir>/export")
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = opt(10, "Log loss, LR, throughput and MFU every N optimizer steps", ge=1)
+    tensorboard: bool = opt(True, "Write TensorBoard event files to <run_dir>/tb")
+    progress_bar: bool = opt(True, "Show a progress bar on rank 0")
+
+
+@dataclass
+class TaskConfig:
+    type: Literal["classification", "pair", "multilabel", "regression", "ner", "qa"] | None = opt(
+        None, "Fine-tuning task; null for pretraining"
+    )
+    text_field: str = opt("text", "Input field holding the text")
+    text_pair_field: str | None = opt(None, "Input field holding the second text of a pair")
+    label_field: str = opt("label", "Input field holding the label(s)")
+    metric: str | None = opt(None, "Metric that selects the best checkpoint and drives early stopping")
+
+
+@dataclass
+class PeftConfig:
+    method: Literal["none", "lora", "bitfit", "prompt"] = opt("none", "Parameter-efficient fine-tuning method")
+    freeze_layers: int = opt(0, "Freeze the embeddings and the lowest N encoder layers", ge=0)
+    lora_r: int = opt(8, "LoRA rank", ge=1)
+    lora_alpha: float = opt(16.0, "LoRA scaling alpha", gt=0)
+    lora_dropout: float = opt(0.1, "LoRA dropout", ge=0, lt=1)
+    lora_target_modules: list[str] = opt(["query", "value"], "Module names LoRA adapts")
+    num_virtual_tokens: int = opt(20, "Prompt tuning: virtual tokens prepended", ge=1)
+
+
+@dataclass
+class Config:
+    name: str = opt("dtrain", "Run name (used in logs)")
+    seed: int = opt(42, "Seed for model init, data order and masking")
+    run_dir: str = opt("runs/dtrain", "Directory for config.yaml, logs, checkpoints and the export")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=120)
+
+
+INHERIT_KEYS = ("base", "defaults")  # a YAML file may name the file(s) it extends under either key
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Schema introspection
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _fields(cls: type) -> dict[str, tuple[Any, dataclasses.Field]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
+
+
+def iter_keys(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, Any, dataclasses.Field]]:
+    """Every leaf key of the schema as (dotted path, type, field)."""
+    for name, (tp, f) in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            yield from iter_keys(tp, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", tp, f
+
+
+def type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) if isinstance(a, str) else str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(type_name(a) for a in inner) + " or null"
+    if origin is list:
+        return f"list of {type_name(args[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _all_paths() -> list[str]:
+    leaves = [p for p, _, _ in iter_keys()]
+    sections = [n for n, (tp, _) in _fields(Config).items() if dataclasses.is_dataclass(tp)]
+    return leaves + sections
+
+
+def _unknown_key(path: str, source: str) -> ConfigError:
+    guess = difflib.get_close_matches(path, _all_paths(), n=1, cutoff=0.6)
+    hint = f" — did you mean {guess[0]}?" if guess else " — run `dtrain config keys` to list valid keys"
+    return ConfigError(f"unknown key {path}{hint} ({source})")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Coercion: a raw value (from YAML or a command-line string) → the field's type, or a ConfigError
+# ---------------------------------------------------------------------------------------------------------------------
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NULL = {"null", "none", "~", ""}
+
+
+def _bad(path: str, tp: Any, value: Any, source: str) -> ConfigError:
+    return ConfigError(f"{path}: expected {type_name(tp)}, got {value!r} ({type(value).__name__}) ({source})")
+
+
+def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NULL):
+            return None
+        for a in inner:
+            try:
+                return _coerce(value, a, path, source)
+            except ConfigError:
+                pass
+        raise _bad(path, tp, value, source)
+    if origin is Literal:
+        for choice in args:
+            if type(value) is type(choice) and value == choice:
+                return choice
+            if isinstance(value, str) and value == str(choice):
+                return choice
+        raise _bad(path, tp, value, source)
+    if origin is list:
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = parsed
+        if not isinstance(value, (list, tuple)):
+            raise _bad(path, tp, value, source)
+        return [_coerce(v, args[0], f"{path}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise _bad(path, tp, value, source)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise _bad(path, tp, value, source)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-5 as a string; accept any number float() accepts
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise _bad(path, tp, value, source)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _bad(path, tp, value, source)
+    raise TypeError(f"config schema: unsupported type {tp!r} at {path}")  # a bug in the schema, not user input
+
+
+def _check_layer(raw: Any, cls: type, prefix: str, source: str) -> dict[str, Any]:
+    """Validate one layer (a YAML file or the overrides) against the schema; return it with values coerced."""
+    if not isinstance(raw, dict):
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r} ({source})")
+    fields = _fields(cls)
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            while isinstance(value, dict) and len(value) == 1:  # otpim: {lr: ..} is reported as otpim.lr
+                key, value = next(iter(value.items()))
+                path = f"{path}.{key}"
+            raise _unknown_key(path, source)
+        tp, _ = fields[key]
+        if dataclasses.is_dataclass(tp):
+            value = {} if value is None else value
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} is a section: set its keys, e.g. {path}.{next(iter(_fields(tp)))}=... "
+                                  f"({source})")
+            out[key] = _check_layer(value, tp, f"{path}.", source)
+        else:
+            out[key] = _check_range(_coerce(value, tp, path, source), fields[key][1], path, source)
+    return out
+
+
+_BOUNDS = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
+           "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
+
+
+def _check_range(value: Any, f: dataclasses.Field, path: str, source: str) -> Any:
+    """The ge/gt/le/lt bounds declared on the field."""
+    if value is not None:
+        for check, (ok, symbol) in _BOUNDS.items():
+            if check in f.metadata and not ok(value, f.metadata[check]):
+                raise ConfigError(f"{path}: must be {symbol} {f.metadata[check]}, got {value!r} ({source})")
+    return value
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    kwargs = {}
+    for name, (tp, _) in _fields(cls).items():
+        if name in values:
+            kwargs[name] = _build(tp, values[name]) if dataclasses.is_dataclass(tp) else values[name]
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """One YAML file with its bases merged under it, checked against the schema."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " → ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"{path}: inheritance cycle ({cycle}); remove one of the base: entries")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({first}); fix the syntax") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(raw).__name__}")
+    merged: dict[str, Any] = {}
+    for key in INHERIT_KEYS:
+        bases = raw.pop(key, None)
+        if bases is None:
+            continue
+        for base in [bases] if isinstance(bases, str) else bases:
+            if not isinstance(base, str):
+                raise ConfigError(f"{path}: {key}: expected a file name or a list of file names, got {base!r}")
+            merged = _merge(merged, _read_yaml(path.parent / base, (*chain, path)))
+    return _merge(merged, _check_layer(raw, Config, "", f"in {path}"))
+
+
+def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """`optim.lr=3e-5 data.max_seq_len=128` → a checked nested dict."""
+    merged: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=3e-5")
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        merged = _merge(merged, _check_layer(nested, Config, "", f"command-line override {item}"))
+    return merged
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults ← YAML file (and its bases) ← dotted overrides, validated."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = _read_yaml(Path(path), ())
+    values = _merge(values, parse_overrides(overrides))
+    cfg = _build(Config, values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span several keys (each key's own type and range are checked as it is read)."""
+    if cfg.parallel.engine == "ddp" and cfg.parallel.zero_stage != 0:
+        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage} needs parallel.engine=deepspeed (DDP has no "
+                          f"ZeRO); set parallel.engine=deepspeed or parallel.zero_stage=0")
+
+
+def save_run_config(cfg: Config, run_dir: str | os.PathLike | None = None) -> Path:
+    """Write the resolved config as <run_dir>/config.yaml (atomically). A different config already there is kept
+    as config.N.yaml, so a re-run with changed settings never silently erases what the earlier run used."""
+    out_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "config.yaml"
+    text = cfg.to_yaml()
+    if target.exists():
+        if target.read_text(encoding="utf-8") == text:
+            return target
+        n = 1
+        while (out_dir / f"config.{n}.yaml").exists():
+            n += 1
+        os.replace(target, out_dir / f"config.{n}.yaml")
+    tmp = out_dir / f".config.yaml.tmp-{os.getpid()}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+def describe_keys(markdown: bool = False) -> str:
+    """A table of every key: path, type, default, meaning (`dtrain config keys [--markdown]`; README's table)."""
+    defaults = Config().to_dict()
+    rows = []
+    for path, tp, f in iter_keys():
+        value: Any = defaults
+        for part in path.split("."):
+            value = value[part]
+        rows.append((path, type_name(tp), json.dumps(value), f.metadata.get("help", "")))
+    if markdown:
+        lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+        return "\n".join(lines + [f"| `{p}` | {t} | `{d}` | {h} |" for p, t, d, h in rows])
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{p:{width}}  {t:28}  {d:20}  {h}" for p, t, d, h in rows)
