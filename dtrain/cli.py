@@ -31,6 +31,48 @@ def _fetch_examples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 1 << 10, "K": 1 << 10, "MB": 1 << 20, "M": 1 << 20, "GB": 1 << 30, "G": 1 << 30}
+    number = text.rstrip("KMGBkmgb")
+    unit = text[len(number):].upper()
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 64MB or 1GB") from None
+
+
+def _tokenizer_dir(name: str) -> str:
+    from pathlib import Path
+
+    from dtrain.data.examples import DATASETS, example_path
+
+    if not Path(name).exists() and name in DATASETS:  # an example checkpoint, e.g. `--tokenizer minilm`
+        return str(example_path(name))
+    return name
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from dtrain.data import prepare
+
+    common = {"out": args.out, "tokenizer": _tokenizer_dir(args.tokenizer), "max_seq_len": args.max_seq_len,
+              "workers": args.workers, "shard_bytes": args.shard_size, "overwrite": args.overwrite,
+              "command": "dtrain " + " ".join(sys.argv[1:])}
+    if args.prepare_command == "pretrain":
+        manifest = prepare.prepare_pretrain(args.inputs, text_field=args.text_field, doc_split=args.doc_split,
+                                            short_seq_prob=args.short_seq_prob, seed=args.seed, **common)
+        print(f"{args.out}: {manifest['rows']} samples from {manifest['documents']} documents, "
+              f"{manifest['sentences']} sentences, {manifest['total_tokens']} tokens in {len(manifest['shards'])} "
+              f"shard(s)")
+    else:
+        manifest = prepare.prepare_finetune(args.inputs, task=args.task, text_field=args.text_field,
+                                            text_pair_field=args.text_pair_field, label_field=args.label_field,
+                                            labels=args.labels, **common)
+        print(f"{args.out}: {manifest['rows']} {manifest['task']} examples, {manifest['num_labels']} labels, "
+              f"{manifest['total_tokens']} tokens ({manifest['truncated']} truncated to {args.max_seq_len}) in "
+              f"{len(manifest['shards'])} shard(s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrain", description="A distributed trainer for BERT models.")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
@@ -50,6 +92,32 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--only", nargs="+", metavar="NAME", help="fetch only these examples")
     fetch.add_argument("--force", action="store_true", help="rebuild even when the cached copy verifies")
     fetch.set_defaults(func=_fetch_examples)
+    prep = sub.add_parser("prepare", help="tokenize raw text or labelled files into a sharded dataset")
+    prep_sub = prep.add_subparsers(dest="prepare_command", metavar="<pretrain|finetune>", required=True)
+    for name, help_text in [("pretrain", "raw text (.txt, .jsonl, a saved datasets dir) → MLM/NSP shards"),
+                            ("finetune", "CSV/TSV/JSONL rows or CoNLL sentences → task shards + labels.json")]:
+        p = prep_sub.add_parser(name, help=help_text)
+        p.add_argument("inputs", nargs="+", help="input files or folders")
+        p.add_argument("--out", required=True, help="dataset dir to create (refused if it exists and is not empty)")
+        p.add_argument("--tokenizer", required=True, help="model/tokenizer dir, or an example name (minilm)")
+        p.add_argument("--max-seq-len", type=int, default=128, help="tokens per sequence incl. specials (128)")
+        p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: cores, at most 8)")
+        p.add_argument("--shard-size", type=_size, default=64 << 20, help="target shard size, e.g. 64MB (default)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing dataset dir when done")
+        p.add_argument("--text-field", default="text", help="field/column with the text (text)")
+        p.set_defaults(func=_prepare)
+        if name == "pretrain":
+            p.add_argument("--doc-split", choices=["file", "blank-line"], default="file",
+                           help="a .txt file is one document (file), or blank lines separate documents")
+            p.add_argument("--short-seq-prob", type=float, default=0.1, help="share of shorter chunks (0.1)")
+            p.add_argument("--seed", type=int, default=12345, help="seed for chunk lengths")
+        else:
+            p.add_argument("--task", choices=["classification", "pair", "multilabel", "regression", "ner"],
+                           help="default: inferred (list labels: multilabel; numbers: regression; CoNLL: ner)")
+            p.add_argument("--text-pair-field", default=None, help="field with the second text of a pair")
+            p.add_argument("--label-field", default="label", help="field/column with the label(s) (label)")
+            p.add_argument("--labels", default=None, help="labels.json (or dataset dir) of the training set: "
+                                                          "prepare dev/test with the same label ids")
     return parser
 
 

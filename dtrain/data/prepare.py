@@ -1,0 +1,436 @@
+"""`dtrain prepare`: raw files → tokenized shards, in parallel, atomically.
+
+pretrain: text documents → paragraphs (blank lines) → sentences (blingfire) → WordPiece ids → chunks of consecutive
+sentences that fill max_seq_len − 3 tokens (10% shorter, as in BERT), each chunk keeping its sentence boundaries
+so that NSP pairs are cut at read time. One chunk is one sample.
+finetune: CSV/TSV/JSONL rows or CoNLL sentences → task features (dtrain/data/tasks.py) + labels.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from dtrain.data.shards import ShardError, ShardWriter, atomic_output_dir, tokenizer_fingerprint
+from dtrain.data.tasks import TASKS, LabelMap, encode_ner, encode_rows, infer_task, schema_for
+
+PRETRAIN_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("sentence_ends", pa.list_(pa.int32())),
+                             ("doc", pa.int64()), ("length", pa.int32())])
+TEXT_SUFFIXES = {".txt", ".text"}
+JSONL_SUFFIXES = {".jsonl"}
+TABLE_SUFFIXES = {".csv", ".tsv"}
+DOCS_PER_TASK = 32
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
+    """A fast HF tokenizer from a local dir (offline: nothing is downloaded)."""
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise ShardError(f"tokenizer {name_or_path}: not a local directory with tokenizer files; pass the model "
+                         f"checkpoint dir (e.g. the minilm example from `dtrain fetch-examples`)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ShardError(f"tokenizer {path}: cannot be loaded ({str(e).splitlines()[0]})") from None
+    if not tok.is_fast:
+        raise ShardError(f"tokenizer {path}: dtrain needs a fast (Rust) tokenizer; add tokenizer.json to the dir")
+    return tok
+
+
+def tokenizer_meta(tok: Any, name: str) -> dict[str, Any]:
+    return {"name": str(name), "fingerprint": tokenizer_fingerprint(tok), "vocab_size": len(tok),
+            "cls_id": tok.cls_token_id, "sep_id": tok.sep_token_id, "mask_id": tok.mask_token_id,
+            "pad_id": tok.pad_token_id, "special_ids": sorted(set(tok.all_special_ids))}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading raw inputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_text(path: Path) -> str:
+    """A file's text, or a one-line error naming it when it is binary or not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ShardError(f"{path}: cannot be read ({e.strerror}); check the path and its permissions") from None
+    if b"\x00" in data[:65536]:
+        raise ShardError(f"{path}: looks binary (NUL bytes), not text; remove it from the input or convert it")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ShardError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8 "
+                         f"(e.g. iconv -f latin1 -t utf-8) or remove it from the input") from None
+
+
+def input_files(inputs: Iterable[str | os.PathLike], suffixes: set[str]) -> list[Path]:
+    """The files named, and the matching files under the folders named, in a stable order."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ShardError(f"input {p} does not exist; pass existing files or folders")
+    return files
+
+
+def _is_hf_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+                              or (path / "state.json").is_file())
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ShardError(f"{path} line {lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
+        if not isinstance(row, dict):
+            raise ShardError(f"{path} line {lineno}: expected a JSON object per line, got {type(row).__name__}")
+        yield lineno, row
+
+
+def iter_documents(inputs: Iterable[str | os.PathLike], text_field: str = "text",
+                   doc_split: str = "file") -> Iterator[str]:
+    """Raw documents from .txt files (a file is a document, or with doc_split="blank-line" every blank-line
+    separated block is), .jsonl files (one document per line, in `text_field`) and saved HF datasets dirs."""
+    if doc_split not in ("file", "blank-line"):
+        raise ShardError(f"doc_split must be 'file' or 'blank-line', got {doc_split!r}")
+    for item in inputs:
+        p = Path(item)
+        if _is_hf_dataset(p):
+            import datasets
+
+            ds = datasets.load_from_disk(str(p))
+            parts = list(ds.values()) if isinstance(ds, datasets.DatasetDict) else [ds]
+            for part in parts:
+                if text_field not in part.column_names:
+                    raise ShardError(f"{p}: the dataset has no column {text_field!r} (columns: "
+                                     f"{', '.join(part.column_names)}); pass --text-field")
+                yield from (t for t in part[text_field] if t and t.strip())
+            continue
+        for f in input_files([p], TEXT_SUFFIXES | JSONL_SUFFIXES):
+            if f.suffix.lower() in JSONL_SUFFIXES:
+                for lineno, row in _jsonl_rows(f):
+                    if not isinstance(row.get(text_field), str):
+                        raise ShardError(f"{f} line {lineno}: no string field {text_field!r}; pass --text-field "
+                                         f"with the field that holds the text")
+                    if row[text_field].strip():
+                        yield row[text_field]
+            else:
+                text = read_text(f)
+                blocks = [text] if doc_split == "file" else re.split(r"\n\s*\n", text)
+                yield from (b for b in blocks if b.strip())
+
+
+def split_sentences(document: str) -> list[str]:
+    """Paragraphs (blank-line separated) → sentences, with blingfire's sentence breaker."""
+    import blingfire
+
+    sentences = []
+    for paragraph in re.split(r"\n\s*\n", document):
+        flat = " ".join(paragraph.split())
+        if flat:
+            sentences.extend(s for s in blingfire.text_to_sentences(flat).split("\n") if s.strip())
+    return sentences
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretraining chunks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def chunk_document(sentences: list[list[int]], max_tokens: int, rng: np.random.Generator,
+                   short_seq_prob: float = 0.1) -> list[list[list[int]]]:
+    """Greedy packing of consecutive sentences into chunks of about `max_tokens` tokens (BERT's
+    create_instances_from_document); with probability short_seq_prob a chunk aims shorter. A sentence longer than
+    max_tokens is cut into pieces."""
+    pieces = [s[i:i + max_tokens] for s in sentences if s for i in range(0, len(s), max_tokens)]
+    chunks: list[list[list[int]]] = []
+    current: list[list[int]] = []
+    size = 0
+    target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
+    for piece in pieces:
+        if current and size + len(piece) > max_tokens:
+            chunks.append(current)
+            current, size = [], 0
+            target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
+        current.append(piece)
+        size += len(piece)
+        if size >= target:
+            chunks.append(current)
+            current, size = [], 0
+            target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER["tok"] = load_tokenizer(tokenizer_path)
+
+
+def _pretrain_task(task: tuple[int, list[str]], max_tokens: int, short_seq_prob: float, seed: int) -> dict:
+    first_doc, docs = task
+    tok = _WORKER["tok"]
+    doc_sentences = [split_sentences(d) for d in docs]
+    flat = [s for sents in doc_sentences for s in sents]
+    ids = tok(flat, add_special_tokens=False)["input_ids"] if flat else []
+    cols: dict[str, list] = {"input_ids": [], "sentence_ends": [], "doc": [], "length": []}
+    stats = {"documents": 0, "sentences": 0}
+    at = 0
+    for i, sents in enumerate(doc_sentences):
+        tokens = ids[at:at + len(sents)]
+        at += len(sents)
+        doc = first_doc + i
+        chunks = chunk_document(tokens, max_tokens, np.random.default_rng([seed, doc]), short_seq_prob)
+        stats["documents"] += bool(chunks)
+        stats["sentences"] += sum(len(c) for c in chunks)
+        for chunk in chunks:
+            cols["input_ids"].append([t for s in chunk for t in s])
+            cols["sentence_ends"].append(np.cumsum([len(s) for s in chunk]).tolist())
+            cols["doc"].append(doc)
+            cols["length"].append(len(cols["input_ids"][-1]))
+    return {"cols": cols, **stats}
+
+
+def _batches(items: Iterable[Any], n: int) -> Iterator[tuple[int, list[Any]]]:
+    it, start = iter(items), 0
+    while batch := list(islice(it, n)):
+        yield start, batch
+        start += len(batch)
+
+
+def run_parallel(fn: Callable, tasks: Iterable[Any], workers: int, tokenizer_path: str) -> Iterator[Any]:
+    """fn over tasks in `workers` processes (each with its own tokenizer), results in task order."""
+    if workers <= 1:
+        _init_worker(tokenizer_path)
+        yield from map(fn, tasks)
+        return
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+        yield from pool.imap(fn, tasks, chunksize=1)
+
+
+def _progress(desc: str, unit: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, unit=unit, file=sys.stderr, disable=None, dynamic_ncols=True)
+
+
+def prepare_pretrain(inputs: list[str], out: str | os.PathLike, tokenizer: str, max_seq_len: int = 128,
+                     short_seq_prob: float = 0.1, text_field: str = "text", doc_split: str = "file",
+                     workers: int | None = None, shard_bytes: int = 64 << 20, seed: int = 12345,
+                     overwrite: bool = False, command: str | None = None) -> dict[str, Any]:
+    """Raw text → pretraining shards in `out`; returns the manifest."""
+    if max_seq_len < 8:
+        raise ShardError(f"max_seq_len must be at least 8, got {max_seq_len}")
+    workers = workers or min(os.cpu_count() or 1, 8)
+    tok = load_tokenizer(tokenizer)
+    meta_tok = tokenizer_meta(tok, tokenizer)
+    docs = iter_documents(inputs, text_field, doc_split)
+    fn = partial(_pretrain_task, max_tokens=max_seq_len - 3, short_seq_prob=short_seq_prob, seed=seed)
+    totals = {"documents": 0, "sentences": 0, "tokens": 0}
+    with atomic_output_dir(out, overwrite) as tmp:
+        writer = ShardWriter(tmp, PRETRAIN_SCHEMA, shard_bytes)
+        with _progress("prepare pretrain", "doc") as bar:
+            for result in run_parallel(fn, _batches(docs, DOCS_PER_TASK), workers, tokenizer):
+                writer.write(result["cols"])
+                totals["documents"] += result["documents"]
+                totals["sentences"] += result["sentences"]
+                totals["tokens"] += sum(result["cols"]["length"])
+                bar.update(result["documents"])
+        if totals["tokens"] == 0:
+            raise ShardError(f"no text found in {', '.join(map(str, inputs))}: the corpus is empty; point "
+                             f"`dtrain prepare pretrain` at .txt/.jsonl files or a saved datasets dir with text")
+        manifest = writer.close(kind="pretrain", tokenizer=meta_tok, max_seq_len=max_seq_len,
+                                total_tokens=totals["tokens"], documents=totals["documents"],
+                                sentences=totals["sentences"], short_seq_prob=short_seq_prob, seed=seed,
+                                prepare={"command": command or " ".join(sys.argv), "inputs": [str(i) for i in inputs],
+                                         "doc_split": doc_split, "text_field": text_field})
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fine-tuning inputs: rows of labelled text, or CoNLL sentences
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def iter_table_rows(path: Path, fields: list[str]) -> Iterator[tuple[int, dict]]:
+    """(line, row) of a CSV/TSV/JSONL file; every name in `fields` must be present in every row."""
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        rows: Iterable[tuple[int, dict]] = _jsonl_rows(path)
+    elif path.suffix.lower() in TABLE_SUFFIXES:
+        text = read_text(path)
+        reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        header = reader.fieldnames or []
+        missing = [f for f in fields if f not in header]
+        if missing:
+            raise ShardError(f"{path}: no column {missing[0]!r} in the header (columns: {', '.join(header)}); "
+                             f"rename the column or pass --{'label' if missing[0] == fields[-1] else 'text'}-field")
+        rows = ((reader.line_num, row) for row in reader)
+    else:
+        raise ShardError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv, .jsonl or .conll")
+    for lineno, row in rows:
+        for f in fields:
+            if row.get(f) is None or row.get(f) == "":
+                raise ShardError(f"{path} line {lineno}: no value for {f!r}; every row needs "
+                                 f"{' and '.join(repr(x) for x in fields)} (or drop the row)")
+        yield lineno, row
+
+
+def iter_conll(path: Path) -> Iterator[tuple[int, list[str], list[str]]]:
+    """(line, tokens, tags) per sentence of a CoNLL file: `token<TAB or space>tag` lines, blank line between."""
+    tokens: list[str] = []
+    tags: list[str] = []
+    start = 1
+    for lineno, line in enumerate(read_text(path).splitlines() + [""], 1):
+        if not line.strip() or line.startswith("-DOCSTART-"):
+            if tokens:
+                yield start, tokens, tags
+            tokens, tags, start = [], [], lineno + 1
+            continue
+        parts = line.split("\t") if "\t" in line else line.split()
+        if len(parts) < 2:
+            raise ShardError(f"{path} line {lineno}: expected 'token<TAB>tag', got {line!r}")
+        tokens.append(parts[0])
+        tags.append(parts[-1].strip())
+    return
+
+
+CONLL_SUFFIXES = {".conll", ".bio", ".iob"}
+ROWS_PER_TASK = 512
+
+
+def _finetune_task(task: tuple[int, list[tuple]], kind: str, max_seq_len: int) -> dict:
+    _, rows = task
+    tok = _WORKER["tok"]
+    if kind == "ner":
+        return encode_ner(tok, [r[0] for r in rows], [r[2] for r in rows], max_seq_len)
+    pairs = [r[1] for r in rows] if rows[0][1] is not None else None
+    cols = encode_rows(tok, [r[0] for r in rows], pairs, max_seq_len)
+    cols["labels" if kind == "multilabel" else "label"] = [r[2] for r in rows]
+    return cols
+
+
+def _parse_label(value: Any, task: str | None, where: str) -> Any:
+    """A raw label cell → str (class), float (regression) or list[str] (multi-label: a JSON list or 'a;b')."""
+    if task == "regression":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ShardError(f"{where}: regression label {value!r} is not a number; fix the row") from None
+    if task == "multilabel" and isinstance(value, str):
+        return [v.strip() for v in value.split(";") if v.strip()]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return value if isinstance(value, float) and task is None else str(value)
+
+
+def read_finetune_rows(files: list[Path], task: str | None, text_field: str, text_pair_field: str | None,
+                       label_field: str) -> tuple[list[tuple], list[str]]:
+    """(text or tokens, text_pair, raw label(s)) per example, and where each came from (file line N)."""
+    rows, where = [], []
+    for f in files:
+        if f.suffix.lower() in CONLL_SUFFIXES or task == "ner":
+            if f.suffix.lower() not in CONLL_SUFFIXES:
+                raise ShardError(f"{f}: NER input must be CoNLL (token<TAB>tag lines, .conll/.bio); got {f.suffix}")
+            for lineno, tokens, tags in iter_conll(f):
+                rows.append((tokens, None, tags))
+                where.append(f"{f} line {lineno}")
+            continue
+        fields = [text_field] + ([text_pair_field] if text_pair_field else []) + [label_field]
+        for lineno, row in iter_table_rows(f, fields):
+            loc = f"{f} line {lineno}"
+            text, pair = row[text_field], row[text_pair_field] if text_pair_field else None
+            if not isinstance(text, str) or (pair is not None and not isinstance(pair, str)):
+                raise ShardError(f"{loc}: {text_field!r} (and {text_pair_field!r}) must be strings")
+            rows.append((text, pair, _parse_label(row[label_field], task, loc)))
+            where.append(loc)
+    return rows, where
+
+
+def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, task: str | None = None,
+                     max_seq_len: int = 128, text_field: str = "text", text_pair_field: str | None = None,
+                     label_field: str = "label", labels: str | None = None, workers: int | None = None,
+                     shard_bytes: int = 64 << 20, overwrite: bool = False, command: str | None = None) -> dict:
+    """Labelled CSV/TSV/JSONL rows or CoNLL sentences → fine-tuning shards + labels.json in `out`."""
+    if task is not None and task not in TASKS:
+        raise ShardError(f"unknown task {task!r}; choose from {', '.join(TASKS)} (qa is not supported yet)")
+    files = input_files(inputs, TABLE_SUFFIXES | JSONL_SUFFIXES | CONLL_SUFFIXES)
+    rows, where = read_finetune_rows(files, task, text_field, text_pair_field, label_field)
+    if not rows:
+        raise ShardError(f"no examples found in {', '.join(map(str, inputs))}; check the files and --text-field")
+    if task is None:
+        task = "ner" if isinstance(rows[0][0], list) else infer_task(rows[0][2], text_pair_field is not None)
+        rows = [(t, p, _parse_label(v, task, w)) for (t, p, v), w in zip(rows, where, strict=True)]
+    if labels:
+        label_map = LabelMap.load(labels)
+        if label_map.task != task:
+            raise ShardError(f"{label_map.source} is for task {label_map.task!r}, these inputs are {task!r}; pass the "
+                             f"labels.json of a {task} training set")
+    else:
+        label_map = LabelMap.build(task, [r[2] for r in rows])
+    counts: Counter = Counter()
+    encoded = []
+    for (text, pair, value), loc in zip(rows, where, strict=True):
+        if task == "regression":
+            label: Any = value
+        elif task in ("multilabel", "ner"):
+            label = [label_map.id(v, loc) for v in value]
+            counts.update(value if task == "multilabel" else [v[2:] for v in value if v[:2] == "B-"])
+        else:
+            label = label_map.id(value, loc)
+            counts[value] += 1
+        encoded.append((text, pair, label))
+    tok = load_tokenizer(tokenizer)
+    fn = partial(_finetune_task, kind=task, max_seq_len=max_seq_len)
+    truncated = tokens = 0
+    with atomic_output_dir(out, overwrite) as tmp:
+        writer = ShardWriter(tmp, schema_for(task), shard_bytes)
+        with _progress("prepare finetune", "row") as bar:
+            for cols in run_parallel(fn, _batches(encoded, ROWS_PER_TASK), workers or min(os.cpu_count() or 1, 8),
+                                     tokenizer):
+                writer.write(cols)
+                tokens += sum(cols["length"])
+                truncated += sum(n >= max_seq_len for n in cols["length"])
+                bar.update(len(cols["length"]))
+        stats = {}
+        if task == "regression":
+            values = np.array([r[2] for r in encoded], dtype=np.float64)
+            stats = {"mean": float(values.mean()), "std": float(values.std())}
+        label_map.save(tmp, counts, stats)
+        manifest = writer.close(kind="finetune", task=task, tokenizer=tokenizer_meta(tok, tokenizer),
+                                max_seq_len=max_seq_len, num_labels=len(label_map.labels), total_tokens=tokens,
+                                truncated=truncated,
+                                prepare={"command": command or " ".join(sys.argv), "inputs": [str(i) for i in inputs],
+                                         "text_field": text_field, "text_pair_field": text_pair_field,
+                                         "label_field": label_field, "labels": labels})
+    return manifest
+
