@@ -26,7 +26,7 @@ WORDS = ("the a of to and in is was for on that with as by at from his her it be
          "unbelievably reconstruction misunderstanding photosynthesis quarterback").split()
 
 
-def make_tokenizer(path: Path) -> Path:
+def make_tokenizer(path: Path, extra: tuple[str, ...] = ()) -> Path:
     """A small uncased WordPiece tokenizer (saved like an HF checkpoint): specials, single letters and their ##
     continuations, and a few whole words, so that long words split into several pieces."""
     from transformers import BertTokenizerFast
@@ -34,7 +34,7 @@ def make_tokenizer(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     vocab = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", "?"] + letters + [f"##{c}" for c in letters]
-             + WORDS[:60] + ["##ing", "##ed", "##ly", "##tion", "re", "un"])
+             + WORDS[:60] + ["##ing", "##ed", "##ly", "##tion", "re", "un", *extra])
     words = list(dict.fromkeys(vocab))
     BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True).save_pretrained(str(path))
     return path

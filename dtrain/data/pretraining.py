@@ -72,8 +72,8 @@ class PretrainingCollator:
             self._docs = self.data.column("doc")
         return int(self._docs[index])
 
-    def _random_segment(self, doc: int, rng: np.random.Generator, budget: int) -> np.ndarray:
-        """Up to `budget` tokens from a random sentence on of a sample of another document."""
+    def _random_segment(self, doc: int, rng: np.random.Generator, budget: int) -> tuple[np.ndarray, int]:
+        """Up to `budget` tokens from a random sentence on of a sample of another document, and that document."""
         for _ in range(32):
             j = int(rng.integers(len(self.data)))
             if self._doc(j) != doc:
@@ -84,10 +84,10 @@ class PretrainingCollator:
         other = self.data[j]
         ends = other["sentence_ends"]
         start = 0 if len(ends) < 2 else int(([0, *ends[:-1]])[rng.integers(len(ends))])
-        return np.asarray(other["input_ids"][start:start + max(1, budget)], dtype=np.int64)
+        return np.asarray(other["input_ids"][start:start + max(1, budget)], dtype=np.int64), self._doc(j)
 
-    def pair(self, sample: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
-        """(segment A, segment B, next_sentence_label) for one sample."""
+    def pair(self, sample: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """(segment A, segment B, next_sentence_label, the document B comes from) for one sample."""
         ids = np.asarray(sample["input_ids"], dtype=np.int64)
         ends = np.asarray(sample["sentence_ends"], dtype=np.int64)
         max_tokens = self.max_seq_len - 3
@@ -97,11 +97,11 @@ class PretrainingCollator:
             cut = int(rng.integers(1, len(ids))) if len(ids) >= 2 else len(ids)
         a, rest = ids[:cut], ids[cut:]
         if len(rest) and rng.random() < self.nsp_probability:
-            b, label = rest, IS_NEXT
+            b, label, b_doc = rest, IS_NEXT, int(sample["doc"])
         else:
-            b, label = self._random_segment(int(sample["doc"]), rng, max_tokens - len(a)), IS_RANDOM
+            (b, b_doc), label = self._random_segment(int(sample["doc"]), rng, max_tokens - len(a)), IS_RANDOM
         a, b = truncate_pair(a, b, max_tokens)
-        return a, b, label
+        return a, b, label, b_doc
 
     # -- MLM ------------------------------------------------------------------------------------------------------
 
@@ -140,12 +140,13 @@ class PretrainingCollator:
 
     def example(self, sample: dict[str, Any]) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(sample["epoch"]), int(sample["index"]), 0x5EED])
-        a, b, nsp = self.pair(sample, rng)
+        a, b, nsp, b_doc = self.pair(sample, rng)
         tokens = np.concatenate([[self.cls], a, [self.sep], b, [self.sep]]).astype(np.int64)
         types = np.concatenate([np.zeros(len(a) + 2, np.int64), np.ones(len(b) + 1, np.int64)])
         masked, positions, originals = self.mask_tokens(tokens, rng)
         return {"input_ids": masked, "token_type_ids": types, "nsp": nsp, "positions": positions,
-                "originals": originals, "index": int(sample["index"]), "pad": bool(sample["pad"])}
+                "originals": originals, "index": int(sample["index"]), "pad": bool(sample["pad"]),
+                "a": a, "b": b, "b_doc": b_doc}
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         examples = [self.example(s) for s in samples]

@@ -99,12 +99,21 @@ class ShardWriter:
         self._pending.append(batch)
         self._pending_bytes += batch.nbytes
         if self._pending_bytes >= self.target_bytes:
-            self.flush()
+            self.flush(final=False)
 
-    def flush(self) -> None:
+    def flush(self, final: bool = True) -> None:
+        """Write the buffered rows as shards of about target_bytes; keep a remainder unless `final`."""
         if not self._pending:
             return
-        batch = pa.Table.from_batches(self._pending, schema=self.schema).combine_chunks().to_batches()[0]
+        table = pa.Table.from_batches(self._pending, schema=self.schema).combine_chunks()
+        while table.num_rows and (final or table.nbytes >= self.target_bytes):
+            rows = max(1, min(table.num_rows, int(self.target_bytes * table.num_rows / max(table.nbytes, 1))))
+            self._write_shard(table.slice(0, rows).combine_chunks().to_batches()[0])
+            table = table.slice(rows)
+        self._pending = table.combine_chunks().to_batches() if table.num_rows else []
+        self._pending_bytes = table.nbytes if table.num_rows else 0
+
+    def _write_shard(self, batch: pa.RecordBatch) -> None:
         path = self.out_dir / f"shard-{len(self.shards):05d}.arrow"
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, self.schema) as writer:
             writer.write_batch(batch)
@@ -113,7 +122,6 @@ class ShardWriter:
         self.shards.append({"file": path.name, "rows": batch.num_rows, "bytes": path.stat().st_size,
                             "sha256": _sha256(path)})
         self.rows += batch.num_rows
-        self._pending, self._pending_bytes = [], 0
 
     def close(self, **meta: Any) -> dict[str, Any]:
         """Flush, then write manifest.json with the shard table and `meta` (tokenizer, max_seq_len, command...)."""
