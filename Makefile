@@ -25,8 +25,18 @@ lint: install
 test: lint
 	$(VENV)/bin/python -m pytest
 
+# The demo so far: fetch the examples, then prepare the pretraining corpus and the sentiment splits as shards.
+EXAMPLES = $${DTRAIN_CACHE:-$$HOME/.cache/dtrain}/examples
+DEMO     = runs/demo/data
 demo: install
 	$(VENV)/bin/dtrain fetch-examples
+	$(VENV)/bin/dtrain prepare pretrain $(EXAMPLES)/bbc_corpus --out $(DEMO)/bbc_pretrain --tokenizer minilm \
+		--max-seq-len 128 --overwrite
+	for split in train dev test; do \
+		$(VENV)/bin/dtrain prepare finetune $(EXAMPLES)/sentiment_en/$$split.jsonl --out $(DEMO)/sentiment_en/$$split \
+			--tokenizer minilm --max-seq-len 64 --overwrite $$([ $$split = train ] || echo --labels $(DEMO)/sentiment_en/train) \
+			|| exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

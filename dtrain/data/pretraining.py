@@ -1,7 +1,8 @@
 """Pretraining examples built at read time: NSP sentence pairs and dynamic MLM masking.
 
-Every random choice for a sample comes from a generator keyed by (seed, epoch, sample index), so a batch is the
-same whichever rank or DataLoader worker builds it, and it changes from epoch to epoch (dynamic masking).
+Every random choice for a sample is a counter-based hash of (seed, epoch, sample index, position), so a sample comes
+out the same whichever rank, worker or batch builds it, it changes from epoch to epoch (dynamic masking), and the
+masking of a whole batch is a handful of vectorised numpy operations rather than a loop over its tokens.
 """
 
 from __future__ import annotations
@@ -9,12 +10,37 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from dtrain.data.shards import ShardedDataset, ShardError
 
 IGNORE = -100
 IS_NEXT, IS_RANDOM = 0, 1  # next_sentence_label, as in transformers' BertForPreTraining
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_STREAM_PAIR, _STREAM_SELECT, _STREAM_ACTION, _STREAM_REPLACE = (np.uint64(k) for k in (1, 2, 3, 4))
+_PAIR_DRAWS = 36  # cut, is-next, up to 33 tries for a sample of another document, its start sentence
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective uint64 hash with good avalanche (wrapping arithmetic)."""
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_keys(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
+    """One uint64 key per sample from (seed, epoch, index)."""
+    base = _mix(np.array([(seed & 0xFFFFFFFF) << 32 | (epoch & 0xFFFFFFFF)], dtype=np.uint64))
+    with np.errstate(over="ignore"):
+        return _mix(base ^ _mix(np.asarray(indices, dtype=np.uint64) + _GOLDEN))
+
+
+def uniform(keys: np.ndarray, stream: np.uint64, counters: np.ndarray) -> np.ndarray:
+    """Uniform [0, 1) numbers, one per (key, counter) pair (broadcast): keys [B, 1] × counters [L] → [B, L]."""
+    with np.errstate(over="ignore"):
+        x = _mix(_mix(keys ^ (stream * _GOLDEN)) + np.asarray(counters, dtype=np.uint64) * _GOLDEN)
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def truncate_pair(a: np.ndarray, b: np.ndarray, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,102 +98,135 @@ class PretrainingCollator:
             self._docs = self.data.column("doc")
         return int(self._docs[index])
 
-    def _random_segment(self, doc: int, rng: np.random.Generator, budget: int) -> tuple[np.ndarray, int]:
+    def _random_segment(self, doc: int, u: np.ndarray, budget: int) -> tuple[np.ndarray, int]:
         """Up to `budget` tokens from a random sentence on of a sample of another document, and that document."""
-        for _ in range(32):
-            j = int(rng.integers(len(self.data)))
+        for attempt in range(len(u) - 1):
+            j = int(u[attempt] * len(self.data))
             if self._doc(j) != doc:
                 break
         else:
             raise ShardError(f"{self.data.path}: NSP negatives need at least two documents; add documents or "
                              f"check --doc-split")
-        other = self.data[j]
-        ends = other["sentence_ends"]
-        start = 0 if len(ends) < 2 else int(([0, *ends[:-1]])[rng.integers(len(ends))])
-        return np.asarray(other["input_ids"][start:start + max(1, budget)], dtype=np.int64), self._doc(j)
+        ids, ends = self.data.get(j, "input_ids"), self.data.get(j, "sentence_ends")
+        start = 0 if len(ends) < 2 else int(([0, *ends[:-1]])[int(u[-1] * len(ends))])
+        return np.asarray(ids[start:start + max(1, budget)], dtype=np.int64), self._doc(j)
 
-    def pair(self, sample: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """(segment A, segment B, next_sentence_label, the document B comes from) for one sample."""
+    def pair(self, sample: dict[str, Any], u: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """(segment A, segment B, next_sentence_label, the document B comes from) for one sample, from its
+        uniform numbers `u` (the sample's row of the _STREAM_PAIR stream)."""
         ids = np.asarray(sample["input_ids"], dtype=np.int64)
-        ends = np.asarray(sample["sentence_ends"], dtype=np.int64)
+        ends = sample["sentence_ends"]
         max_tokens = self.max_seq_len - 3
         if len(ends) >= 2:
-            cut = int(ends[rng.integers(1, len(ends)) - 1])
+            cut = int(ends[int(u[0] * (len(ends) - 1))])
         else:  # one sentence: the continuation is the rest of it
-            cut = int(rng.integers(1, len(ids))) if len(ids) >= 2 else len(ids)
+            cut = 1 + int(u[0] * (len(ids) - 1)) if len(ids) >= 2 else len(ids)
         a, rest = ids[:cut], ids[cut:]
-        if len(rest) and rng.random() < self.nsp_probability:
+        if len(rest) and u[1] < self.nsp_probability:
             b, label, b_doc = rest, IS_NEXT, int(sample["doc"])
         else:
-            (b, b_doc), label = self._random_segment(int(sample["doc"]), rng, max_tokens - len(a)), IS_RANDOM
+            (b, b_doc), label = self._random_segment(int(sample["doc"]), u[2:], max_tokens - len(a)), IS_RANDOM
         a, b = truncate_pair(a, b, max_tokens)
         return a, b, label, b_doc
 
     # -- MLM ------------------------------------------------------------------------------------------------------
 
-    def mask_tokens(self, tokens: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(masked tokens, positions, original ids): round(p × candidates) positions (capped), never a special
-        token; 80% → [MASK], 10% → a random non-special token, 10% unchanged. With whole-word masking a word's
-        pieces (a piece plus its ## continuations) are chosen together or not at all."""
-        candidates = np.flatnonzero(~self.special[tokens])
-        if len(candidates) == 0:
-            return tokens, candidates, candidates
-        n = min(self.max_predictions, max(1, int(round(len(candidates) * self.mlm_probability))))
+    def mask_batch(self, tokens: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(masked tokens, positions [B, P], original ids [B, P] with IGNORE where unused) for a padded batch.
+
+        Per row: round(p × candidates) positions (at most max_predictions_per_seq), never a special token or
+        padding; 80% → [MASK], 10% → a random non-special token, 10% unchanged. With whole-word masking a word's
+        pieces (a piece and its ## continuations) are chosen together or not at all."""
+        rows, width = tokens.shape
+        cand = ~self.special[tokens]
+        wanted = np.minimum(self.max_predictions, np.maximum(1, np.rint(cand.sum(1) * self.mlm_probability)))
+        wanted = np.where(cand.any(1), wanted, 0).astype(np.int64)
+        score = uniform(keys[:, None], _STREAM_SELECT, np.arange(width))
         if self.whole_word:
-            starts = ~self.continuation[tokens[candidates]]
-            starts[0] = True
-            starts[1:] |= candidates[1:] != candidates[:-1] + 1  # a piece right after [SEP] starts a word
-            groups = np.split(candidates, np.flatnonzero(starts)[1:])
-            chosen_groups, total = [], 0
-            for g in rng.permutation(len(groups)):
-                if total + len(groups[g]) <= n:
-                    chosen_groups.append(groups[g])
-                    total += len(groups[g])
-                if total == n:
-                    break
-            positions = np.sort(np.concatenate(chosen_groups)) if chosen_groups else candidates[:0]
+            chosen = self._whole_words(tokens, cand, score, wanted)
         else:
-            positions = np.sort(rng.choice(candidates, size=n, replace=False))
-        originals = tokens[positions].copy()
-        action = rng.random(len(positions))
+            score[~cand] = 2.0  # never chosen: only the `wanted` best (lowest) scores are taken, all candidates
+            k = min(self.max_predictions, width)
+            best = np.argpartition(score, k - 1, axis=1)[:, :k] if k < width else np.tile(np.arange(width), (rows, 1))
+            ranked = np.take_along_axis(best, np.argsort(np.take_along_axis(score, best, 1), axis=1), 1)
+            chosen = np.sort(np.where(np.arange(k)[None, :] < wanted[:, None], ranked, width), axis=1)
+        positions = np.zeros((rows, self.max_predictions), dtype=np.int64)
+        labels = np.full((rows, self.max_predictions), IGNORE, dtype=np.int64)
+        take = min(chosen.shape[1], self.max_predictions)
+        valid = chosen[:, :take] < width
+        positions[:, :take] = np.where(valid, chosen[:, :take], 0)
+        r, c = np.nonzero(valid)
+        p = positions[r, c]
+        labels[r, c] = tokens[r, p]
         out = tokens.copy()
-        out[positions[action < 0.8]] = self.mask
-        swap = positions[(action >= 0.8) & (action < 0.9)]
-        out[swap] = self.replacements[rng.integers(len(self.replacements), size=len(swap))]
-        return out, positions, originals
+        action = uniform(keys[:, None], _STREAM_ACTION, np.arange(width))[r, p]
+        swap = uniform(keys[:, None], _STREAM_REPLACE, np.arange(width))[r, p]
+        out[r[action < 0.8], p[action < 0.8]] = self.mask
+        rand = (action >= 0.8) & (action < 0.9)
+        out[r[rand], p[rand]] = self.replacements[(swap[rand] * len(self.replacements)).astype(np.int64)]
+        return out, positions, labels
+
+    def _whole_words(self, tokens: np.ndarray, cand: np.ndarray, score: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+        """Per row: words (a piece + its ## continuations) in random order, taken whole while they fit."""
+        width = tokens.shape[1]
+        chosen = np.full((len(tokens), self.max_predictions), width, dtype=np.int64)
+        for i in range(len(tokens)):
+            positions = np.flatnonzero(cand[i])
+            if not len(positions):
+                continue
+            starts = ~self.continuation[tokens[i, positions]]
+            starts[0] = True
+            starts[1:] |= positions[1:] != positions[:-1] + 1  # a piece right after [SEP] starts a word
+            groups = np.split(positions, np.flatnonzero(starts)[1:])
+            picked, total = [], 0
+            for g in np.argsort(score[i, positions[starts]], kind="stable"):
+                if total + len(groups[g]) <= wanted[i]:
+                    picked.append(groups[g])
+                    total += len(groups[g])
+                if total == wanted[i]:
+                    break
+            if picked:
+                flat = np.sort(np.concatenate(picked))
+                chosen[i, :len(flat)] = flat
+        return chosen
 
     # -- batch ----------------------------------------------------------------------------------------------------
 
-    def example(self, sample: dict[str, Any]) -> dict[str, Any]:
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(sample["epoch"]), int(sample["index"]), 0x5EED])
-        a, b, nsp, b_doc = self.pair(sample, rng)
-        tokens = np.concatenate([[self.cls], a, [self.sep], b, [self.sep]]).astype(np.int64)
-        types = np.concatenate([np.zeros(len(a) + 2, np.int64), np.ones(len(b) + 1, np.int64)])
-        masked, positions, originals = self.mask_tokens(tokens, rng)
-        return {"input_ids": masked, "token_type_ids": types, "nsp": nsp, "positions": positions,
-                "originals": originals, "index": int(sample["index"]), "pad": bool(sample["pad"]),
-                "a": a, "b": b, "b_doc": b_doc}
-
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        examples = [self.example(s) for s in samples]
-        n, width = len(examples), -(-max(len(e["input_ids"]) for e in examples) // self.multiple) * self.multiple
+    def build(self, samples: list[dict[str, Any]]) -> tuple[dict[str, np.ndarray], list[tuple]]:
+        """The batch as numpy arrays, plus each sample's (A, B, next_sentence_label, B's document)."""
+        keys = sample_keys(self.seed, int(samples[0]["epoch"]), np.array([int(s["index"]) for s in samples]))
+        u = uniform(keys[:, None], _STREAM_PAIR, np.arange(_PAIR_DRAWS))
+        pairs = [self.pair(s, row) for s, row in zip(samples, u, strict=True)]
+        n = len(samples)
+        lengths = np.array([len(a) + len(b) + 3 for a, b, _, _ in pairs])
+        width = -(-int(lengths.max()) // self.multiple) * self.multiple
         input_ids = np.full((n, width), self.pad_id, dtype=np.int64)
         token_type_ids = np.zeros((n, width), dtype=np.int64)
-        attention_mask = np.zeros((n, width), dtype=np.int64)
-        mlm_positions = np.zeros((n, self.max_predictions), dtype=np.int64)
-        mlm_labels = np.full((n, self.max_predictions), IGNORE, dtype=np.int64)
-        nsp = np.empty(n, dtype=np.int64)
-        for i, e in enumerate(examples):
-            length, k = len(e["input_ids"]), len(e["positions"])
-            input_ids[i, :length] = e["input_ids"]
-            token_type_ids[i, :length] = e["token_type_ids"]
-            attention_mask[i, :length] = 1
-            nsp[i] = IGNORE if e["pad"] else e["nsp"]
-            if not e["pad"]:
-                mlm_positions[i, :k] = e["positions"]
-                mlm_labels[i, :k] = e["originals"]
-        return {"input_ids": torch.from_numpy(input_ids), "token_type_ids": torch.from_numpy(token_type_ids),
-                "attention_mask": torch.from_numpy(attention_mask), "next_sentence_label": torch.from_numpy(nsp),
-                "mlm_positions": torch.from_numpy(mlm_positions), "mlm_labels": torch.from_numpy(mlm_labels),
-                "index": torch.tensor([e["index"] for e in examples]),
-                "pad": torch.tensor([e["pad"] for e in examples])}
+        for i, (a, b, _, _) in enumerate(pairs):
+            la, lb = len(a), len(b)
+            input_ids[i, 0], input_ids[i, la + 1], input_ids[i, la + lb + 2] = self.cls, self.sep, self.sep
+            input_ids[i, 1:la + 1], input_ids[i, la + 2:la + lb + 2] = a, b
+            token_type_ids[i, la + 2:la + lb + 3] = 1
+        masked, positions, labels = self.mask_batch(input_ids, keys)
+        pad = np.array([bool(s["pad"]) for s in samples])
+        labels[pad] = IGNORE
+        positions[pad] = 0
+        nsp = np.where(pad, IGNORE, np.array([p[2] for p in pairs]))
+        batch = {"input_ids": masked, "token_type_ids": token_type_ids,
+                 "attention_mask": (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64),
+                 "next_sentence_label": nsp, "mlm_positions": positions, "mlm_labels": labels,
+                 "index": np.array([int(s["index"]) for s in samples]), "pad": pad}
+        return batch, pairs
+
+    def example(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """One sample on its own (the same as inside any batch): for inspection and tests."""
+        batch, [(a, b, nsp, b_doc)] = self.build([sample])
+        length = int(batch["attention_mask"][0].sum())
+        keep = batch["mlm_labels"][0] != IGNORE
+        return {"input_ids": batch["input_ids"][0, :length], "token_type_ids": batch["token_type_ids"][0, :length],
+                "positions": batch["mlm_positions"][0][keep], "originals": batch["mlm_labels"][0][keep],
+                "nsp": nsp, "a": a, "b": b, "b_doc": b_doc, "index": int(sample["index"]), "pad": bool(sample["pad"])}
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        """The batch as numpy arrays (cheap to send from a DataLoader worker; StreamLoader makes them tensors)."""
+        return self.build(samples)[0]

@@ -180,6 +180,14 @@ class StreamingDataset(IterableDataset):
                 yield {**self.data[index], "index": index, "epoch": self.epoch, "pad": is_pad}
 
 
+def as_tensors(batch: Any) -> Any:
+    """numpy arrays in a batch dict → torch tensors (zero-copy). Collators return numpy because numpy arrays
+    travel from DataLoader workers several times faster than tensors, which each need a shared-memory file."""
+    if isinstance(batch, dict):
+        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    return batch
+
+
 class StreamLoader:
     """Batches of a StreamingDataset through a DataLoader, epoch after epoch, with an exact resume point.
 
@@ -209,7 +217,7 @@ class StreamLoader:
                             num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs)
         for batch in loader:
             self.position = min(self.position + self.dataset.global_batch, len(self.dataset.data))
-            yield batch
+            yield as_tensors(batch)
         self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from dtrain.data.shards import ShardError
 
@@ -113,19 +112,19 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def pad_2d(rows: Sequence[np.ndarray], width: int, value: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    out = torch.full((len(rows), width), value, dtype=dtype)
+def pad_2d(rows: Sequence[np.ndarray], width: int, value: int) -> np.ndarray:
+    out = np.full((len(rows), width), value, dtype=np.int64)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.from_numpy(np.asarray(r, dtype=np.int64))
+        out[i, :len(r)] = r
     return out
 
 
 class FinetuneCollator:
     """Pads a batch to its longest sequence (rounded up to a multiple of 8), not to max_seq_len.
 
-    Output: input_ids, attention_mask, token_type_ids, labels (long; float for regression; multi-hot float for
-    multilabel; per token for ner), index, pad. Padding repeats (pad=True) get ignored labels (-100, or NaN for
-    regression and multi-label rows of -100) so they add nothing to the loss.
+    Output (numpy; StreamLoader hands tensors to the loop): input_ids, attention_mask, token_type_ids, labels (int;
+    float for regression; multi-hot float for multilabel; per token for ner), index, pad. Padding repeats (pad=True)
+    get ignored labels (-100; NaN for regression) so they add nothing to the loss.
     """
 
     def __init__(self, task: str, pad_id: int, num_labels: int = 0, pad_to_multiple_of: int = 8):
@@ -133,27 +132,24 @@ class FinetuneCollator:
             raise ShardError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
         self.task, self.pad_id, self.num_labels, self.multiple = task, pad_id, num_labels, pad_to_multiple_of
 
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = _round_up(max(int(s["length"]) for s in samples), self.multiple)
-        ids = pad_2d([s["input_ids"] for s in samples], width, self.pad_id)
-        pad = torch.tensor([bool(s["pad"]) for s in samples])
-        lengths = torch.tensor([len(s["input_ids"]) for s in samples])
-        batch = {"input_ids": ids, "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        lengths = np.array([len(s["input_ids"]) for s in samples])
+        width = _round_up(int(lengths.max()), self.multiple)
+        pad = np.array([bool(s["pad"]) for s in samples])
+        batch = {"input_ids": pad_2d([s["input_ids"] for s in samples], width, self.pad_id),
+                 "attention_mask": (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64),
                  "token_type_ids": pad_2d([s["token_type_ids"] for s in samples], width, 0),
-                 "index": torch.tensor([int(s["index"]) for s in samples]), "pad": pad}
+                 "index": np.array([int(s["index"]) for s in samples]), "pad": pad}
         if self.task == "ner":
             labels = pad_2d([s["labels"] for s in samples], width, IGNORE)
-            labels[pad] = IGNORE
         elif self.task == "multilabel":
-            labels = torch.zeros(len(samples), self.num_labels)
+            labels = np.zeros((len(samples), self.num_labels), dtype=np.float32)
             for i, s in enumerate(samples):
-                labels[i, torch.as_tensor(np.asarray(s["labels"], dtype=np.int64))] = 1.0
-            labels[pad] = IGNORE
+                labels[i, np.asarray(s["labels"], dtype=np.int64)] = 1.0
         elif self.task == "regression":
-            labels = torch.tensor([float(s["label"]) for s in samples])
-            labels[pad] = float("nan")
+            labels = np.array([float(s["label"]) for s in samples], dtype=np.float32)
         else:
-            labels = torch.tensor([int(s["label"]) for s in samples])
-            labels[pad] = IGNORE
+            labels = np.array([int(s["label"]) for s in samples], dtype=np.int64)
+        labels[pad] = np.nan if self.task == "regression" else IGNORE
         batch["labels"] = labels
         return batch

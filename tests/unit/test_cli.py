@@ -43,3 +43,23 @@ def test_config_keys_lists_every_section(cli):
     sections = {line.split(".")[0] for line in result.stdout.splitlines() if "." in line.split()[0]}
     assert sections == {"model", "data", "optim", "schedule", "precision", "parallel", "checkpoint", "logging",
                         "task", "peft"}
+
+
+def test_prepare_pretrain_and_finetune_from_the_command_line(cli, tmp_path, tokenizer_dir):
+    from tests.conftest import make_corpus
+
+    corpus = make_corpus(tmp_path / "corpus", docs=6)
+    ok = cli("prepare", "pretrain", str(corpus), "--out", str(tmp_path / "pre"), "--tokenizer", str(tokenizer_dir),
+             "--max-seq-len", "64", "--workers", "1", "--shard-size", "2KB")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith(f"{tmp_path / 'pre'}: ") and "from 6 documents" in ok.stdout
+    again = cli("prepare", "pretrain", str(corpus), "--out", str(tmp_path / "pre"), "--tokenizer", str(tokenizer_dir))
+    assert again.returncode == 2
+    assert again.stderr == (f"dtrain: error: {tmp_path / 'pre'} already exists and is not empty; choose another "
+                            f"output dir or pass --overwrite\n")
+    (tmp_path / "train.jsonl").write_text('{"text": "the film", "label": "pos"}\n{"text": "the bank"}\n')
+    bad = cli("prepare", "finetune", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "ft"), "--tokenizer",
+              str(tokenizer_dir))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "train.jsonl line 2: no value for 'label'" in bad.stderr
+    assert not (tmp_path / "ft").exists()
