@@ -66,8 +66,8 @@ def _prepare(args: argparse.Namespace) -> int:
     else:
         manifest = prepare.prepare_finetune(args.inputs, task=args.task, text_field=args.text_field,
                                             text_pair_field=args.text_pair_field, label_field=args.label_field,
-                                            labels=args.labels, **common)
-        print(f"{args.out}: {manifest['rows']} {manifest['task']} examples, {manifest['num_labels']} labels, "
+                                            labels=args.labels, doc_stride=args.doc_stride, **common)
+        print(f"{args.out}: {manifest['rows']} {manifest['task']} rows, {manifest['num_labels']} labels, "
               f"{manifest['total_tokens']} tokens ({manifest['truncated']} truncated to {args.max_seq_len}) in "
               f"{len(manifest['shards'])} shard(s)")
     return 0
@@ -112,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--short-seq-prob", type=float, default=0.1, help="share of shorter chunks (0.1)")
             p.add_argument("--seed", type=int, default=12345, help="seed for chunk lengths")
         else:
-            p.add_argument("--task", choices=["classification", "pair", "multilabel", "regression", "ner"],
-                           help="default: inferred (list labels: multilabel; numbers: regression; CoNLL: ner)")
+            p.add_argument("--task", choices=["classification", "pair", "multilabel", "regression", "ner", "qa"],
+                           help="default: inferred (list labels: multilabel; numbers: regression; CoNLL: ner); "
+                                "qa reads SQuAD-style .json")
+            p.add_argument("--doc-stride", type=int, default=128, help="qa: tokens shared by consecutive windows")
             p.add_argument("--text-pair-field", default=None, help="field with the second text of a pair")
             p.add_argument("--label-field", default="label", help="field/column with the label(s) (label)")
             p.add_argument("--labels", default=None, help="labels.json (or dataset dir) of the training set: "

@@ -258,21 +258,12 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise _bad(path, tp, value, source)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
+    if tp in (int, float):
+        if isinstance(value, (int,) if tp is int else (int, float)) and not isinstance(value, bool):
+            return tp(value)
+        if isinstance(value, str):  # from the command line; YAML 1.1 also reads 3e-5 as a string
             try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise _bad(path, tp, value, source)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-5 as a string; accept any number float() accepts
-            try:
-                return float(value.strip())
+                return tp(value.strip())
             except ValueError:
                 pass
         raise _bad(path, tp, value, source)

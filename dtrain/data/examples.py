@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import io
 import json
 import os
 import random
-import shutil
 import struct
 import subprocess
 import sys
@@ -37,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dtrain.data.shards import atomic_output_dir, sha256_file
 from dtrain.errors import DtrainError
 
 FORMAT_VERSION = 1
@@ -81,14 +80,6 @@ def cache_dir(cache: str | os.PathLike | None = None) -> Path:
     if cache is not None:
         return Path(cache)
     return Path(os.environ.get("DTRAIN_CACHE") or Path.home() / ".cache" / "dtrain")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -418,25 +409,13 @@ def _build_one(ds: Dataset, root: Path) -> dict:
     final = root / "examples" / ds.name
     pkg = PACKAGES[ds.package]
     archive = download(pkg, root / "downloads")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{ds.name}.tmp-"))
-    tmp.chmod(0o755)
-    try:
+    with atomic_output_dir(final, overwrite=True) as tmp:  # replaces an incomplete or corrupted copy when done
         summary = ds.build({pkg.name: archive}, tmp)
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"name": ds.name, "format": FORMAT_VERSION, "description": ds.description,
                     "source": {"package": pkg.spec, "file": pkg.filename, "sha256": pkg.sha256},
                     "split_seed": SPLIT_SEED, "summary": summary, "files": files}
         (tmp / "dataset.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-        if final.exists():  # incomplete or corrupted: move it aside, then swap in the new one
-            stale = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{ds.name}.stale-"))
-            os.replace(final, stale / ds.name)
-            os.replace(tmp, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

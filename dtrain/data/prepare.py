@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from dtrain.data.shards import ShardError, ShardWriter, atomic_output_dir, tokenizer_fingerprint
-from dtrain.data.tasks import TASKS, LabelMap, encode_ner, encode_rows, infer_task, schema_for
+from dtrain.data.tasks import TASKS, LabelMap, encode_ner, encode_qa, encode_rows, infer_task, read_squad, schema_for
 
 PRETRAIN_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("sentence_ends", pa.list_(pa.int32())),
                              ("doc", pa.int64()), ("length", pa.int32())])
@@ -296,7 +296,8 @@ def iter_table_rows(path: Path, fields: list[str]) -> Iterator[tuple[int, dict]]
                              f"rename the column or pass --{'label' if missing[0] == fields[-1] else 'text'}-field")
         rows = ((reader.line_num, row) for row in reader)
     else:
-        raise ShardError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv, .jsonl or .conll")
+        raise ShardError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv, .jsonl, .conll (or .json "
+                         f"with --task qa)")
     for lineno, row in rows:
         for f in fields:
             if row.get(f) is None or row.get(f) == "":
@@ -328,9 +329,11 @@ CONLL_SUFFIXES = {".conll", ".bio", ".iob"}
 ROWS_PER_TASK = 512
 
 
-def _finetune_task(task: tuple[int, list[tuple]], kind: str, max_seq_len: int) -> dict:
-    _, rows = task
+def _finetune_task(task: tuple[int, list[tuple]], kind: str, max_seq_len: int, doc_stride: int = 128) -> dict:
+    first, rows = task
     tok = _WORKER["tok"]
+    if kind == "qa":
+        return encode_qa(tok, [r[2] for r in rows], first, max_seq_len, doc_stride)
     if kind == "ner":
         return encode_ner(tok, [r[0] for r in rows], [r[2] for r in rows], max_seq_len)
     pairs = [r[1] for r in rows] if rows[0][1] is not None else None
@@ -358,6 +361,17 @@ def read_finetune_rows(files: list[Path], task: str | None, text_field: str, tex
     """(text or tokens, text_pair, raw label(s)) per example, and where each came from (file line N)."""
     rows, where = [], []
     for f in files:
+        if task == "qa":
+            if f.suffix.lower() != ".json":
+                raise ShardError(f"{f}: QA input must be SQuAD-style .json; got {f.suffix}")
+            try:
+                squad = json.loads(read_text(f))
+            except ValueError as e:
+                raise ShardError(f"{f}: not valid JSON ({e}); fix the file") from None
+            for example in read_squad(f, squad):
+                rows.append((example["question"], example["context"], example))
+                where.append(f"{f} question {example['id']}")
+            continue
         if f.suffix.lower() in CONLL_SUFFIXES or task == "ner":
             if f.suffix.lower() not in CONLL_SUFFIXES:
                 raise ShardError(f"{f}: NER input must be CoNLL (token<TAB>tag lines, .conll/.bio); got {f.suffix}")
@@ -379,11 +393,14 @@ def read_finetune_rows(files: list[Path], task: str | None, text_field: str, tex
 def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, task: str | None = None,
                      max_seq_len: int = 128, text_field: str = "text", text_pair_field: str | None = None,
                      label_field: str = "label", labels: str | None = None, workers: int | None = None,
-                     shard_bytes: int = 64 << 20, overwrite: bool = False, command: str | None = None) -> dict:
-    """Labelled CSV/TSV/JSONL rows or CoNLL sentences → fine-tuning shards + labels.json in `out`."""
+                     shard_bytes: int = 64 << 20, overwrite: bool = False, command: str | None = None,
+                     doc_stride: int = 128) -> dict:
+    """Labelled CSV/TSV/JSONL rows, CoNLL sentences or SQuAD JSON → fine-tuning shards + labels.json in `out`
+    (for qa also examples.jsonl: id, question, context, answers, to turn predicted spans back into text)."""
     if task is not None and task not in TASKS:
-        raise ShardError(f"unknown task {task!r}; choose from {', '.join(TASKS)} (qa is not supported yet)")
-    files = input_files(inputs, TABLE_SUFFIXES | JSONL_SUFFIXES | CONLL_SUFFIXES)
+        raise ShardError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    suffixes = {".json"} if task == "qa" else TABLE_SUFFIXES | JSONL_SUFFIXES | CONLL_SUFFIXES
+    files = input_files(inputs, suffixes)
     rows, where = read_finetune_rows(files, task, text_field, text_pair_field, label_field)
     if not rows:
         raise ShardError(f"no examples found in {', '.join(map(str, inputs))}; check the files and --text-field")
@@ -400,7 +417,7 @@ def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
     counts: Counter = Counter()
     encoded = []
     for (text, pair, value), loc in zip(rows, where, strict=True):
-        if task == "regression":
+        if task in ("regression", "qa"):
             label: Any = value
         elif task in ("multilabel", "ner"):
             label = [label_map.id(v, loc) for v in value]
@@ -410,7 +427,7 @@ def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
             counts[value] += 1
         encoded.append((text, pair, label))
     tok = load_tokenizer(tokenizer)
-    fn = partial(_finetune_task, kind=task, max_seq_len=max_seq_len)
+    fn = partial(_finetune_task, kind=task, max_seq_len=max_seq_len, doc_stride=doc_stride)
     truncated = tokens = 0
     with atomic_output_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp, schema_for(task), shard_bytes)
@@ -421,7 +438,11 @@ def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
                 tokens += sum(cols["length"])
                 truncated += sum(n >= max_seq_len for n in cols["length"])
                 bar.update(len(cols["length"]))
-        stats = {}
+        stats: dict[str, Any] = {}
+        if task == "qa":
+            with open(tmp / "examples.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r[2], ensure_ascii=False) + "\n" for r in encoded)
+            stats = {"examples": len(encoded), "doc_stride": doc_stride}
         if task == "regression":
             values = np.array([r[2] for r in encoded], dtype=np.float64)
             stats = {"mean": float(values.mean()), "std": float(values.std())}

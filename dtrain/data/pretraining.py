@@ -89,27 +89,25 @@ class PretrainingCollator:
         placeholder = np.array([p.startswith("[") and p.endswith("]") for p in pieces], dtype=bool)  # [unused12]
         self.replacements = np.flatnonzero(~self.special & ~placeholder)
         self.continuation = np.array([p.startswith("##") for p in pieces], dtype=bool)
-        self._docs: np.ndarray | None = None
 
     # -- NSP ------------------------------------------------------------------------------------------------------
 
     def _doc(self, index: int) -> int:
-        if self._docs is None:
-            self._docs = self.data.column("doc")
-        return int(self._docs[index])
+        return int(self.data.get(index, "doc"))  # read from the memory map: no per-worker copy of the column
 
     def _random_segment(self, doc: int, u: np.ndarray, budget: int) -> tuple[np.ndarray, int]:
         """Up to `budget` tokens from a random sentence on of a sample of another document, and that document."""
         for attempt in range(len(u) - 1):
             j = int(u[attempt] * len(self.data))
-            if self._doc(j) != doc:
+            other_doc = self._doc(j)
+            if other_doc != doc:
                 break
         else:
             raise ShardError(f"{self.data.path}: NSP negatives need at least two documents; add documents or "
                              f"check --doc-split")
         ids, ends = self.data.get(j, "input_ids"), self.data.get(j, "sentence_ends")
         start = 0 if len(ends) < 2 else int(([0, *ends[:-1]])[int(u[-1] * len(ends))])
-        return np.asarray(ids[start:start + max(1, budget)], dtype=np.int64), self._doc(j)
+        return np.asarray(ids[start:start + max(1, budget)], dtype=np.int64), other_doc
 
     def pair(self, sample: dict[str, Any], u: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
         """(segment A, segment B, next_sentence_label, the document B comes from) for one sample, from its

@@ -160,9 +160,9 @@ class StreamingDataset(IterableDataset):
         return EpochOrder([s["rows"] for s in self.data.shards], self.seed, epoch, self.shuffle, self.shuffle_block,
                           self._lengths, self.bucket_window)
 
-    def positions(self) -> np.ndarray:
-        """This rank's global positions for the rest of the epoch (>= n means a padding repeat)."""
-        k = np.arange(self.local_samples(), dtype=np.int64)
+    def positions(self, batch: int) -> np.ndarray:
+        """Global positions of this rank's `batch`-th micro-batch from the resume point (>= n: a padding repeat)."""
+        k = np.arange(batch * self.batch_size, (batch + 1) * self.batch_size, dtype=np.int64)
         return self.start + k * self.world_size + self.rank
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -170,10 +170,8 @@ class StreamingDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         order = self.order(self.epoch)
         n = len(self.data)
-        positions = self.positions()
-        batches = len(positions) // self.batch_size
-        for j in range(worker, batches, workers):
-            pos = positions[j * self.batch_size:(j + 1) * self.batch_size]
+        for j in range(worker, self.local_samples() // self.batch_size, workers):
+            pos = self.positions(j)
             pad = pos >= n
             ids = order.ids(np.where(pad, (pos - n) % max(n, 1), pos))
             for index, is_pad in zip(ids.tolist(), pad.tolist(), strict=True):

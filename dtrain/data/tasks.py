@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from dtrain.data.shards import ShardError
 
-TASKS = ("classification", "pair", "multilabel", "regression", "ner")
+TASKS = ("classification", "pair", "multilabel", "regression", "ner", "qa")
 IGNORE = -100
 LABELS_FILE = "labels.json"
 
@@ -23,7 +23,11 @@ def schema_for(task: str) -> pa.Schema:
     fields = [("input_ids", pa.list_(pa.int32())), ("token_type_ids", pa.list_(pa.int8())), ("length", pa.int32())]
     label = {"classification": ("label", pa.int32()), "pair": ("label", pa.int32()),
              "regression": ("label", pa.float32()), "multilabel": ("labels", pa.list_(pa.int32())),
-             "ner": ("labels", pa.list_(pa.int32()))}[task]
+             "ner": ("labels", pa.list_(pa.int32()))}.get(task)
+    if task == "qa":  # answer span in tokens (0, 0 = [CLS]: no answer in this window) + context character offsets
+        return pa.schema([*fields, ("start_position", pa.int32()), ("end_position", pa.int32()),
+                          ("example", pa.int64()), ("offset_start", pa.list_(pa.int32())),
+                          ("offset_end", pa.list_(pa.int32()))])
     return pa.schema([*fields, label])
 
 
@@ -44,7 +48,7 @@ class LabelMap:
 
     @classmethod
     def build(cls, task: str, values: Sequence[Any]) -> LabelMap:
-        if task == "regression":
+        if task in ("regression", "qa"):
             return cls(task, [])
         flat = [v for vs in values for v in vs] if task in ("multilabel", "ner") else list(values)
         names = sorted({str(v) for v in flat})
@@ -108,6 +112,65 @@ def encode_ner(tok: Any, sentences: list[list[str]], tag_ids: list[list[int]], m
             "length": [len(x) for x in enc["input_ids"]], "labels": labels}
 
 
+def read_squad(path: Path, data: Any) -> list[dict[str, Any]]:
+    """SQuAD v1.1/v2.0 JSON → [{id, question, context, answers: [{text, answer_start}]}], answers checked against
+    the context."""
+    from dtrain.data.shards import ShardError
+
+    examples = []
+    try:
+        articles = data["data"]
+        for article in articles:
+            for paragraph in article["paragraphs"]:
+                context = paragraph["context"]
+                for qa in paragraph["qas"]:
+                    answers = [] if qa.get("is_impossible") else qa.get("answers", [])
+                    for a in answers:
+                        start = int(a["answer_start"])
+                        if context[start:start + len(a["text"])] != a["text"]:
+                            raise ShardError(f"{path}: question {qa['id']}: answer {a['text']!r} is not at "
+                                             f"answer_start {start} of its context; fix answer_start")
+                    examples.append({"id": str(qa["id"]), "question": qa["question"], "context": context,
+                                     "answers": [{"text": a["text"], "answer_start": int(a["answer_start"])}
+                                                 for a in answers]})
+    except (KeyError, TypeError) as e:
+        raise ShardError(f"{path}: not SQuAD-style JSON (missing {e}); expected "
+                         f"{{data: [{{paragraphs: [{{context, qas: [{{id, question, answers}}]}}]}}]}}") from None
+    return examples
+
+
+def encode_qa(tok: Any, examples: list[dict[str, Any]], first: int, max_seq_len: int,
+              doc_stride: int) -> dict[str, list]:
+    """Question + context → windows of max_seq_len tokens overlapping by doc_stride; each window labelled with the
+    token span of the first answer, or (0, 0) when the answer is not wholly inside it (or there is none)."""
+    enc = tok([e["question"] for e in examples], [e["context"] for e in examples], truncation="only_second",
+              max_length=max_seq_len, stride=doc_stride, return_overflowing_tokens=True,
+              return_offsets_mapping=True, return_token_type_ids=True)
+    cols: dict[str, list] = {k: [] for k in ("input_ids", "token_type_ids", "length", "start_position",
+                                             "end_position", "example", "offset_start", "offset_end")}
+    for i, example_index in enumerate(enc["overflow_to_sample_mapping"]):
+        seq = enc.sequence_ids(i)
+        offsets = [o if s == 1 else (-1, -1) for o, s in zip(enc["offset_mapping"][i], seq, strict=True)]
+        answers = examples[example_index]["answers"]
+        start = end = 0
+        if answers:
+            a_start = answers[0]["answer_start"]
+            a_end = a_start + len(answers[0]["text"])
+            inside = [t for t, (lo, hi) in enumerate(offsets) if lo >= 0 and lo < a_end and hi > a_start]
+            ctx = [t for t, o in enumerate(offsets) if o[0] >= 0]
+            if inside and offsets[ctx[0]][0] <= a_start and offsets[ctx[-1]][1] >= a_end:
+                start, end = inside[0], inside[-1]
+        cols["input_ids"].append(enc["input_ids"][i])
+        cols["token_type_ids"].append(enc["token_type_ids"][i])
+        cols["length"].append(len(enc["input_ids"][i]))
+        cols["start_position"].append(start)
+        cols["end_position"].append(end)
+        cols["example"].append(first + example_index)
+        cols["offset_start"].append([o[0] for o in offsets])
+        cols["offset_end"].append([o[1] for o in offsets])
+    return cols
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -123,7 +186,8 @@ class FinetuneCollator:
     """Pads a batch to its longest sequence (rounded up to a multiple of 8), not to max_seq_len.
 
     Output (numpy; StreamLoader hands tensors to the loop): input_ids, attention_mask, token_type_ids, labels (int;
-    float for regression; multi-hot float for multilabel; per token for ner), index, pad. Padding repeats (pad=True)
+    float for regression; multi-hot float for multilabel; per token for ner) or, for qa, start_position,
+    end_position and example (the row of examples.jsonl the window comes from), index, pad. Padding repeats (pad=True)
     get ignored labels (-100; NaN for regression) so they add nothing to the loss.
     """
 
@@ -140,6 +204,11 @@ class FinetuneCollator:
                  "attention_mask": (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64),
                  "token_type_ids": pad_2d([s["token_type_ids"] for s in samples], width, 0),
                  "index": np.array([int(s["index"]) for s in samples]), "pad": pad}
+        if self.task == "qa":
+            for name in ("start_position", "end_position"):
+                batch[name] = np.where(pad, IGNORE, np.array([int(s[name]) for s in samples]))
+            batch["example"] = np.array([int(s["example"]) for s in samples])
+            return batch
         if self.task == "ner":
             labels = pad_2d([s["labels"] for s in samples], width, IGNORE)
         elif self.task == "multilabel":

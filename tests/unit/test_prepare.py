@@ -175,3 +175,43 @@ def test_finetune_collator_pads_to_the_batch_not_to_max_len():
     assert batch["input_ids"].shape == (3, 16)
     assert batch["attention_mask"].sum(1).tolist() == [3, 9, 12]
     assert batch["labels"].tolist() == [1, IGNORE, 0]
+
+
+def squad(context, qas):
+    return {"version": "v2.0", "data": [{"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]}
+
+
+def test_qa_windows_carry_the_answer_span_and_offsets(tmp_path, tokenizer_dir):
+    words = ["the", "market", "rate", "was", "new", "and", "the", "bank", "had", "growth"] * 6
+    context = " ".join(words) + " the police court was first ."
+    start = context.index("police court")
+    qas = [{"id": "q1", "question": "who was first", "answers": [{"text": "police court", "answer_start": start}]},
+           {"id": "q2", "question": "the film", "answers": [], "is_impossible": True}]
+    (tmp_path / "train.json").write_text(json.dumps(squad(context, qas)))
+    m = prepare_finetune([str(tmp_path / "train.json")], tmp_path / "qa", str(tokenizer_dir), task="qa",
+                         max_seq_len=32, doc_stride=8, workers=1)
+    data = ShardedDataset(tmp_path / "qa")
+    assert m["task"] == "qa" and len(data) > 4  # long context → several overlapping windows per question
+    tok = load_tokenizer(tokenizer_dir)
+    examples = [json.loads(line) for line in (tmp_path / "qa" / "examples.jsonl").read_text().splitlines()]
+    assert [e["id"] for e in examples] == ["q1", "q2"]
+    found = 0
+    for i in range(len(data)):
+        row = data[i]
+        s, e = int(row["start_position"]), int(row["end_position"])
+        if int(row["example"]) == 1 or s == 0:
+            assert (s, e) == (0, 0)
+            continue
+        found += 1
+        assert tok.decode(row["input_ids"][s:e + 1]) == "police court"
+        assert context[row["offset_start"][s]:row["offset_end"][e]] == "police court"
+        assert row["offset_start"][0] == -1  # [CLS] and the question are not context
+    assert found >= 1
+    (tmp_path / "bad.json").write_text(json.dumps(squad(context, [{"id": "q9", "question": "x", "answers": [
+        {"text": "police court", "answer_start": start + 1}]}])))
+    with pytest.raises(ShardError, match=r"bad\.json: question q9: answer 'police court' is not at answer_start"):
+        prepare_finetune([str(tmp_path / "bad.json")], tmp_path / "bad", str(tokenizer_dir), task="qa", workers=1)
+    batch = FinetuneCollator("qa", pad_id=0)([data[0] | {"index": 0, "pad": False}, data[1] | {"index": 1,
+                                                                                               "pad": True}])
+    assert batch["start_position"][1] == IGNORE and batch["example"].tolist() == [int(data[0]["example"]),
+                                                                                   int(data[1]["example"])]
