@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--batches", type=int, default=250, help="batches per loading measurement (after the first)")
     ap.add_argument("--train-steps", type=int, default=6)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the table shows medians")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -142,10 +143,15 @@ def main() -> None:
     corpus, model_dir = example_path("bbc_corpus"), example_path("minilm")
     work = Path(tempfile.mkdtemp(prefix="dtrain-bench-"))
     try:
-        p = bench_prepare(corpus, model_dir, work, args.workers)
-        print(f"prepare: dtrain {p['ours_tps']:,.0f} tok/s, HF datasets.map {p['hf_tps']:,.0f} tok/s", flush=True)
-        d = bench_loading(work / "ours", model_dir, args.batch, args.workers, args.batches)
-        print(f"loading: {d}", flush=True)
+        runs_p, runs_d = [], []
+        for _ in range(args.repeat):  # interleaved, so drift on this shared machine hits both sides alike
+            runs_p.append(bench_prepare(corpus, model_dir, work, args.workers))
+            print(f"prepare: dtrain {runs_p[-1]['ours_tps']:,.0f} tok/s, HF datasets.map "
+                  f"{runs_p[-1]['hf_tps']:,.0f} tok/s", flush=True)
+            runs_d.append(bench_loading(work / "ours", model_dir, args.batch, args.workers, args.batches))
+            print("loading, samples/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in runs_d[-1].items()), flush=True)
+        p = {k: float(np.median([r[k] for r in runs_p])) for k in runs_p[0]}
+        d = {k: float(np.median([r[k] for r in runs_d])) for k in runs_d[0]}
         train = bench_training(model_dir, work / "ours", model_dir, args.batch, args.train_steps)
         print(f"training consumes {train:.1f} samples/s", flush=True)
     finally:
@@ -154,8 +160,8 @@ def main() -> None:
     table = "\n".join([
         "## Data pipeline (`bench/data.py`)",
         "",
-        f"Machine: {cpu}. Corpus: BBC example corpus ({p['tokens']:,} tokens), MiniLM tokenizer, seq 128, "
-        f"batch {args.batch}. Written {time.strftime('%Y-%m-%d')}.",
+        f"Machine: {cpu}. Corpus: BBC example corpus ({int(p['tokens']):,} tokens), MiniLM tokenizer, seq 128, "
+        f"batch {args.batch}. Medians of {args.repeat} interleaved runs. Written {time.strftime('%Y-%m-%d')}.",
         "",
         "| measurement | dtrain | peer | ratio | goal |",
         "|---|---|---|---|---|",

@@ -8,6 +8,7 @@ finetune: CSV/TSV/JSONL rows or CoNLL sentences → task features (dtrain/data/t
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import multiprocessing
@@ -193,15 +194,22 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(tokenizer_path: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER["tok"] = load_tokenizer(tokenizer_path)
+    _WORKER["tok"] = tok = load_tokenizer(tokenizer_path)
+    backend = copy.deepcopy(tok.backend_tokenizer)  # the Rust tokenizer without a saved truncation/padding setting
+    backend.no_truncation()
+    backend.no_padding()
+    _WORKER["backend"] = backend
+
+
+def _token_ids(texts: list[str]) -> list[list[int]]:
+    """Word-piece ids without special tokens, straight from the Rust tokenizer (no per-text Python wrapper)."""
+    return [e.ids for e in _WORKER["backend"].encode_batch(texts, add_special_tokens=False)] if texts else []
 
 
 def _pretrain_task(task: tuple[int, list[str]], max_tokens: int, short_seq_prob: float, seed: int) -> dict:
     first_doc, docs = task
-    tok = _WORKER["tok"]
     doc_sentences = [split_sentences(d) for d in docs]
-    flat = [s for sents in doc_sentences for s in sents]
-    ids = tok(flat, add_special_tokens=False)["input_ids"] if flat else []
+    ids = _token_ids([s for sents in doc_sentences for s in sents])
     cols: dict[str, list] = {"input_ids": [], "sentence_ends": [], "doc": [], "length": []}
     stats = {"documents": 0, "sentences": 0}
     at = 0
@@ -217,7 +225,8 @@ def _pretrain_task(task: tuple[int, list[str]], max_tokens: int, short_seq_prob:
             cols["sentence_ends"].append(np.cumsum([len(s) for s in chunk]).tolist())
             cols["doc"].append(doc)
             cols["length"].append(len(cols["input_ids"][-1]))
-    return {"cols": cols, **stats}
+    # built here, in the worker: an Arrow batch crosses the process boundary as buffers, not Python lists
+    return {"batch": pa.RecordBatch.from_pydict(cols, schema=PRETRAIN_SCHEMA), "tokens": sum(cols["length"]), **stats}
 
 
 def _batches(items: Iterable[Any], n: int) -> Iterator[tuple[int, list[Any]]]:
@@ -261,10 +270,10 @@ def prepare_pretrain(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
         writer = ShardWriter(tmp, PRETRAIN_SCHEMA, shard_bytes)
         with _progress("prepare pretrain", "doc") as bar:
             for result in run_parallel(fn, _batches(docs, DOCS_PER_TASK), workers, tokenizer):
-                writer.write(result["cols"])
+                writer.write(result["batch"])
                 totals["documents"] += result["documents"]
                 totals["sentences"] += result["sentences"]
-                totals["tokens"] += sum(result["cols"]["length"])
+                totals["tokens"] += result["tokens"]
                 bar.update(result["documents"])
         if totals["tokens"] == 0:
             raise ShardError(f"no text found in {', '.join(map(str, inputs))}: the corpus is empty; point "

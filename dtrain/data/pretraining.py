@@ -92,22 +92,18 @@ class PretrainingCollator:
 
     # -- NSP ------------------------------------------------------------------------------------------------------
 
-    def _doc(self, index: int) -> int:
-        return int(self.data.get(index, "doc"))  # read from the memory map: no per-worker copy of the column
-
     def _random_segment(self, doc: int, u: np.ndarray, budget: int) -> tuple[np.ndarray, int]:
         """Up to `budget` tokens from a random sentence on of a sample of another document, and that document."""
         for attempt in range(len(u) - 1):
-            j = int(u[attempt] * len(self.data))
-            other_doc = self._doc(j)
-            if other_doc != doc:
+            other = self.data[int(u[attempt] * len(self.data))]
+            if int(other["doc"]) != doc:
                 break
         else:
             raise ShardError(f"{self.data.path}: NSP negatives need at least two documents; add documents or "
                              f"check --doc-split")
-        ids, ends = self.data.get(j, "input_ids"), self.data.get(j, "sentence_ends")
+        ids, ends = other["input_ids"], other["sentence_ends"]
         start = 0 if len(ends) < 2 else int(([0, *ends[:-1]])[int(u[-1] * len(ends))])
-        return np.asarray(ids[start:start + max(1, budget)], dtype=np.int64), other_doc
+        return np.asarray(ids[start:start + max(1, budget)], dtype=np.int64), int(other["doc"])
 
     def pair(self, sample: dict[str, Any], u: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
         """(segment A, segment B, next_sentence_label, the document B comes from) for one sample, from its
