@@ -1,0 +1,1 @@
+"""Models: BERT presets, HF checkpoints, the pretraining head on masked positions only, task heads."""

@@ -1,0 +1,118 @@
+"""BERT models in the standard Hugging Face layout, built from a preset or a local checkpoint.
+
+Pretraining uses transformers' BertForPreTraining module (so weights stay tied and save/load as any HF checkpoint)
+but runs its vocabulary head only on the masked positions the collator lists: for 15% masking that is about 1/7 of
+the head's FLOPs and memory, and the head is the single largest matmul of a BERT-base step at sequence 128.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dtrain.errors import DtrainError
+from dtrain.model.presets import PRESETS, preset_config
+
+IGNORE = -100
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers warns loudly about heads a checkpoint lacks; dtrain reports them itself in one line."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _overrides(dropout: float | None, attn_implementation: str) -> dict[str, Any]:
+    extra: dict[str, Any] = {"attn_implementation": attn_implementation}
+    if dropout is not None:
+        extra.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return extra
+
+
+def load_model(cls: Any, name_or_path: str, dropout: float | None = None, attn_implementation: str = "sdpa",
+               **config: Any) -> tuple[torch.nn.Module, list[str]]:
+    """(model, names of the weights that start fresh) for a transformers model class.
+
+    `name_or_path` is a preset (random init) or a local checkpoint dir; nothing is downloaded."""
+    extra = _overrides(dropout, attn_implementation)
+    if name_or_path in PRESETS:
+        model = cls(preset_config(name_or_path, **config, **extra))
+        return model, [name for name, _ in model.named_parameters()]
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise DtrainError(f"model.name_or_path {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+                          f"local checkpoint dir with config.json; fix model.name_or_path")
+    with _quiet_transformers():
+        model, info = cls.from_pretrained(str(path), output_loading_info=True, local_files_only=True,
+                                          **config, **extra)
+    if info.get("mismatched_keys"):
+        raise DtrainError(f"{path}: weights do not fit the model ({info['mismatched_keys'][0]} ...); check "
+                          f"model.name_or_path and the task's label count")
+    return model, sorted(info.get("missing_keys", []))
+
+
+def fresh_summary(missing: list[str]) -> str:
+    """One line for the log: which parts start from random weights."""
+    if not missing:
+        return "all weights loaded from the checkpoint"
+    heads = sorted({".".join(k.split(".")[:2] if k.count(".") > 1 else k.split(".")[:1]) for k in missing})
+    return "fresh (not in the checkpoint): " + ", ".join(heads)
+
+
+def pretraining_model(name_or_path: str, dropout: float | None = None,
+                      attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, list[str]]:
+    from transformers import BertForPreTraining
+
+    return load_model(BertForPreTraining, name_or_path, dropout, attn_implementation)
+
+
+def pretraining_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Summed MLM and NSP cross-entropies of a PretrainingCollator batch, and how many targets each has.
+
+    Sums, not means: the trainer divides by the number of targets over all micro-batches and ranks of a step, so
+    that micro 4 × accumulation 2 gives the same gradient as micro 8 × 1. The vocabulary head runs on the masked
+    positions only (gathered before the transform and the tied decoder)."""
+    out = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     token_type_ids=batch["token_type_ids"])
+    sequence, pooled = out[0], out[1]
+    positions = batch["mlm_positions"]
+    gathered = sequence.gather(1, positions.unsqueeze(-1).expand(-1, -1, sequence.shape[-1]))
+    logits = model.cls.predictions(gathered).float()
+    labels = batch["mlm_labels"]
+    mlm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                          reduction="sum")
+    nsp_labels = batch["next_sentence_label"]
+    nsp = F.cross_entropy(model.cls.seq_relationship(pooled).float(), nsp_labels, ignore_index=IGNORE,
+                          reduction="sum")
+    return {"mlm_loss_sum": mlm, "nsp_loss_sum": nsp, "mlm_tokens": (labels != IGNORE).sum(),
+            "nsp_count": (nsp_labels != IGNORE).sum()}
+
+
+def classification_model(name_or_path: str, num_labels: int, dropout: float | None = None,
+                         attn_implementation: str = "sdpa", problem_type: str | None = None,
+                         ) -> tuple[torch.nn.Module, list[str]]:
+    from transformers import BertForSequenceClassification
+
+    extra = {"problem_type": problem_type} if problem_type else {}
+    return load_model(BertForSequenceClassification, name_or_path, dropout, attn_implementation,
+                      num_labels=num_labels, **extra)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
