@@ -46,6 +46,7 @@ def opt(default: Any, help: str, **checks: Any) -> Any:
 @dataclass
 class ModelConfig:
     name_or_path: str = opt("bert-base-uncased", "Preset (tiny, bert-base-uncased, ...) or a local HF checkpoint dir")
+    tokenizer: str | None = opt(None, "Tokenizer dir or example name; null: the checkpoint's (uncased presets: minilm)")
     dropout: float | None = opt(None, "Override hidden and attention dropout; null keeps the checkpoint's", ge=0, lt=1)
     attn_implementation: Literal["sdpa", "eager"] = opt("sdpa", "Attention kernel: sdpa (fused) or eager")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory")
@@ -86,6 +87,8 @@ class ScheduleConfig:
     max_steps: int | None = opt(None, "Optimizer steps to train; null = run `epochs` epochs", ge=1)
     epochs: float = opt(1.0, "Epochs to train when max_steps is null", gt=0)
     grad_accum_steps: int = opt(1, "Micro-batches accumulated per optimizer step", ge=1)
+    stop_at_step: int | None = opt(None, "Save and stop after this step; the LR schedule still spans the whole run "
+                                   "(split a run over time-limited jobs)", ge=1)
     warmup: float = opt(0.06, "Warmup: a fraction of all steps if < 1, else a number of steps", ge=0)
     decay: Literal["linear", "cosine", "constant", "poly"] = opt("linear", "LR decay after warmup")
     eval_every_steps: int | None = opt(None, "Evaluate every N optimizer steps; null = once per epoch", ge=1)
@@ -149,6 +152,7 @@ class PeftConfig:
 class Config:
     name: str = opt("dtrain", "Run name (used in logs)")
     seed: int = opt(42, "Seed for model init, data order and masking")
+    debug: bool = opt(False, "Debug run: tiny model (for presets), at most 20 steps, eval + checkpoint midway")
     run_dir: str = opt("runs/dtrain", "Directory for config.yaml, logs, checkpoints and the export")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

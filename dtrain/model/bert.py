@@ -22,7 +22,7 @@ IGNORE = -100
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """transformers warns loudly about heads a checkpoint lacks; dtrain reports them itself in one line."""
     from transformers.utils import logging as hf_logging
 
@@ -57,9 +57,13 @@ def load_model(cls: Any, name_or_path: str, dropout: float | None = None, attn_i
     if not (path / "config.json").is_file():
         raise DtrainError(f"model.name_or_path {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a "
                           f"local checkpoint dir with config.json; fix model.name_or_path")
-    with _quiet_transformers():
-        model, info = cls.from_pretrained(str(path), output_loading_info=True, local_files_only=True,
-                                          **config, **extra)
+    try:
+        with quiet_transformers():
+            model, info = cls.from_pretrained(str(path), output_loading_info=True, local_files_only=True,
+                                              **config, **extra)
+    except OSError as e:
+        raise DtrainError(f"{path}: cannot load weights ({str(e).splitlines()[0][:200]}); the dir needs "
+                          f"model.safetensors (or pytorch_model.bin) beside config.json") from None
     if info.get("mismatched_keys"):
         raise DtrainError(f"{path}: weights do not fit the model ({info['mismatched_keys'][0]} ...); check "
                           f"model.name_or_path and the task's label count")
@@ -70,6 +74,8 @@ def fresh_summary(missing: list[str]) -> str:
     """One line for the log: which parts start from random weights."""
     if not missing:
         return "all weights loaded from the checkpoint"
+    if any(k.startswith(("bert.embeddings", "embeddings")) for k in missing):
+        return "random init (preset or no encoder weights in the checkpoint)"
     heads = sorted({".".join(k.split(".")[:2] if k.count(".") > 1 else k.split(".")[:1]) for k in missing})
     return "fresh (not in the checkpoint): " + ", ".join(heads)
 
@@ -81,8 +87,13 @@ def pretraining_model(name_or_path: str, dropout: float | None = None,
     return load_model(BertForPreTraining, name_or_path, dropout, attn_implementation)
 
 
+def pretraining_counts(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """How many targets each loss term of a pretraining batch has (known before the forward pass)."""
+    return {"mlm": (batch["mlm_labels"] != IGNORE).sum(), "nsp": (batch["next_sentence_label"] != IGNORE).sum()}
+
+
 def pretraining_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Summed MLM and NSP cross-entropies of a PretrainingCollator batch, and how many targets each has.
+    """Summed MLM and NSP cross-entropies of a PretrainingCollator batch.
 
     Sums, not means: the trainer divides by the number of targets over all micro-batches and ranks of a step, so
     that micro 4 × accumulation 2 gives the same gradient as micro 8 × 1. The vocabulary head runs on the masked
@@ -96,11 +107,20 @@ def pretraining_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     labels = batch["mlm_labels"]
     mlm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
                           reduction="sum")
-    nsp_labels = batch["next_sentence_label"]
-    nsp = F.cross_entropy(model.cls.seq_relationship(pooled).float(), nsp_labels, ignore_index=IGNORE,
-                          reduction="sum")
-    return {"mlm_loss_sum": mlm, "nsp_loss_sum": nsp, "mlm_tokens": (labels != IGNORE).sum(),
-            "nsp_count": (nsp_labels != IGNORE).sum()}
+    nsp = F.cross_entropy(model.cls.seq_relationship(pooled).float(), batch["next_sentence_label"],
+                          ignore_index=IGNORE, reduction="sum")
+    return {"mlm": mlm, "nsp": nsp}
+
+
+def classification_counts(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"cls": (batch["labels"] != IGNORE).sum()}
+
+
+def classification_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Summed cross-entropy of a sequence-classification batch (padding repeats carry label -100)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   token_type_ids=batch["token_type_ids"]).logits.float()
+    return {"cls": F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE, reduction="sum")}
 
 
 def classification_model(name_or_path: str, num_labels: int, dropout: float | None = None,

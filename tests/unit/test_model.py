@@ -8,7 +8,7 @@ from dtrain.data.pretraining import IGNORE, PretrainingCollator
 from dtrain.data.shards import ShardedDataset
 from dtrain.data.stream import as_tensors
 from dtrain.errors import DtrainError
-from dtrain.model.bert import count_parameters, pretraining_losses, pretraining_model
+from dtrain.model.bert import count_parameters, pretraining_counts, pretraining_losses, pretraining_model
 from dtrain.model.presets import PRESETS, preset_config
 
 
@@ -36,7 +36,7 @@ def test_masked_position_head_equals_the_full_head(pretrain_data, tokenizer_dir)
     data = ShardedDataset(pretrain_data)
     collate = PretrainingCollator(data, load_tokenizer(tokenizer_dir), 64, seed=1)
     batch = as_tensors(collate([data[i] | {"index": i, "epoch": 0, "pad": i == 5} for i in range(8)]))
-    ours = pretraining_losses(model, batch)
+    ours, counts = pretraining_losses(model, batch), pretraining_counts(batch)
     labels = torch.full_like(batch["input_ids"], IGNORE)
     rows = torch.arange(8)[:, None].expand_as(batch["mlm_positions"])
     keep = batch["mlm_labels"] != IGNORE
@@ -45,7 +45,7 @@ def test_masked_position_head_equals_the_full_head(pretrain_data, tokenizer_dir)
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      token_type_ids=batch["token_type_ids"], labels=labels,
                      next_sentence_label=batch["next_sentence_label"])
-    mlm = ours["mlm_loss_sum"] / ours["mlm_tokens"]
-    nsp = ours["nsp_loss_sum"] / ours["nsp_count"]
-    assert int(ours["nsp_count"]) == 7 and int(ours["mlm_tokens"]) == int(keep.sum())
+    mlm = ours["mlm"] / counts["mlm"]
+    nsp = ours["nsp"] / counts["nsp"]
+    assert int(counts["nsp"]) == 7 and int(counts["mlm"]) == int(keep.sum())
     assert torch.allclose(mlm + nsp, full.loss, atol=1e-5)

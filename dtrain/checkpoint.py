@@ -1,0 +1,146 @@
+"""Checkpoints: atomic directories under <run_dir>/checkpoints, a `latest` pointer, keep-last-K, resume, export.
+
+A checkpoint is the dict of every stateful part: the engine's files (model, optimizer, scheduler, loss scaler),
+trainer.json (trainer counters and the data stream's position), one RNG file per rank and the resolved config. It is
+written into `.tmp-step-N` and renamed to `step-N` only when complete, so a crash mid-save leaves the previous
+checkpoint as `latest` and nothing half-written that resume could pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dtrain.distributed import DistEnv, barrier
+from dtrain.engine.base import Engine
+from dtrain.errors import DtrainError
+
+TRAINER_FILE = "trainer.json"
+LATEST = "latest"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | os.PathLike, env: DistEnv, keep_last: int = 3):
+        self.root = Path(run_dir) / "checkpoints"
+        self.env, self.keep_last = env, keep_last
+
+    def save(self, step: int, engine: Engine, trainer_state: dict[str, Any], config_yaml: str) -> Path:
+        """Every rank calls this; returns the final checkpoint dir."""
+        name = f"step-{step:08d}"
+        final, tmp = self.root / name, self.root / f".tmp-{name}"
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        engine.save(tmp)
+        torch.save(rng_state(), tmp / f"rng-rank{self.env.rank}.pt")
+        barrier()
+        if self.env.is_main:
+            (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            state = {**trainer_state, "step": step, "world_size": self.env.world_size}
+            (tmp / TRAINER_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+            _fsync_tree(tmp)
+            if final.exists():  # the same step saved again (e.g. the end of a resumed run): replace it whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(self.root / LATEST, name + "\n")
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.glob("step-*") if (p / TRAINER_FILE).is_file())
+        for old in done[: max(0, len(done) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint: the one `latest` names, else the highest complete step dir."""
+        pointer = self.root / LATEST
+        if pointer.is_file():
+            named = self.root / pointer.read_text().strip()
+            if (named / TRAINER_FILE).is_file():
+                return named
+        done = sorted(p for p in self.root.glob("step-*") if (p / TRAINER_FILE).is_file())
+        return done[-1] if done else None
+
+    def resolve(self, resume: str) -> Path | None:
+        """checkpoint.resume → the dir to resume from (None: start fresh)."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if not (path / TRAINER_FILE).is_file():
+            raise DtrainError(f"checkpoint.resume={resume}: not a complete dtrain checkpoint (no {TRAINER_FILE}); "
+                              f"pass a step-N dir, auto or none")
+        return path
+
+    def load(self, path: Path, engine: Engine) -> dict[str, Any]:
+        """Restore the engine and this rank's RNG; return the trainer state."""
+        try:
+            engine.load(path)
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise DtrainError(f"checkpoint {path} does not fit this model/optimizer ({first}); resume with the "
+                              f"config it was written with, or start fresh (checkpoint.resume=none or another "
+                              f"run_dir)") from None
+        rng = path / f"rng-rank{self.env.rank}.pt"
+        if rng.is_file():  # missing when resuming at a larger world size: that rank keeps its seeded RNG
+            set_rng_state(torch.load(rng, weights_only=False))
+        return json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
+
+
+def export_hf(engine: Engine, model_template: torch.nn.Module, tokenizer: Any, out: Path, env: DistEnv) -> None:
+    """Write an HF model dir (config, safetensors) + tokenizer from the engine's consolidated weights (rank 0)."""
+    from dtrain.model.bert import quiet_transformers
+
+    state = engine.full_state_dict()
+    if env.is_main:
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with quiet_transformers():
+            model_template.save_pretrained(tmp, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    barrier()

@@ -1,0 +1,111 @@
+"""Process group from torchrun or Slurm, device choice, the collectives the loop needs, clean teardown."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dtrain.errors import DtrainError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_master() -> str:
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST") or ""
+    if not nodes:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodes.split(",")[0]
+
+
+def _env_from_launcher() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables, else srun's, else a single process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:  # srun without torchrun
+        rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+        local = int(os.environ.get("SLURM_LOCALID", 0))
+        os.environ.setdefault("MASTER_ADDR", _slurm_master())
+        os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", 0)) % 1000))
+        return rank, world, local
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    return 0, 1, 0
+
+
+def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
+    """Join (or create) the process group. CUDA → nccl and one GPU per local rank; CPU → gloo."""
+    rank, world, local = _env_from_launcher()
+    for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):
+        os.environ[key] = str(value)  # DeepSpeed and DataLoader helpers read them
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise DtrainError("parallel.backend=nccl needs CUDA GPUs, and none is visible; use parallel.backend=gloo "
+                          "or auto")
+    if cuda:
+        if local >= torch.cuda.device_count():
+            raise DtrainError(f"local rank {local} has no GPU ({torch.cuda.device_count()} visible); launch at most "
+                              f"one process per GPU (--nproc_per_node)")
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return DistEnv(rank, world, local, device, backend)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place on a copy); a no-op without a process group."""
+    out = values.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any rank (agreed stop/skip decisions)."""
+    return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0], device=device)).item() > 0)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def teardown() -> None:
+    """barrier, then destroy the process group (ZeRO-3 can abort at exit otherwise)."""
+    if dist.is_initialized():
+        try:
+            barrier()
+        finally:
+            dist.destroy_process_group()

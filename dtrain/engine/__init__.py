@@ -1,0 +1,30 @@
+"""Training engines behind one interface (base.Engine): torch DDP + autocast, DeepSpeed ZeRO."""
+
+from __future__ import annotations
+
+import torch
+
+from dtrain.config import Config
+from dtrain.distributed import DistEnv
+from dtrain.engine.base import Engine
+from dtrain.errors import DtrainError
+from dtrain.optim import build_optimizer, build_scheduler
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, env: DistEnv, total_steps: int) -> Engine:
+    """The optimizer and LR schedule from the config, driven by the configured engine."""
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
+    if cfg.parallel.engine == "ddp":
+        from dtrain.engine.ddp import DDPEngine
+
+        return DDPEngine(model, optimizer, scheduler, env, cfg.precision, cfg.optim.max_grad_norm)
+    if cfg.precision.dtype == "fp16" and env.device.type == "cpu":
+        raise DtrainError("DeepSpeed refuses fp16 on a CPU (it needs AVX512-FP16/AMX); use precision.dtype=bf16, or "
+                          "parallel.engine=ddp, whose GradScaler does fp16 on CPU")
+    try:
+        from dtrain.engine.deepspeed import DeepSpeedEngine
+    except ImportError:
+        raise DtrainError("parallel.engine=deepspeed is not built yet in this version of dtrain; use "
+                          "parallel.engine=ddp") from None
+    return DeepSpeedEngine(model, optimizer, scheduler, env, cfg)

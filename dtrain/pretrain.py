@@ -1,0 +1,52 @@
+"""`python -m dtrain.pretrain --config configs/pretrain/x.yaml [key=value ...]`: MLM + NSP (continued) pretraining.
+
+One process (debug), or under torchrun / srun on any number of ranks; the same command either way."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from dtrain import runner
+from dtrain.data.pretraining import PretrainingCollator
+from dtrain.logging import training_flops_per_token
+from dtrain.model.bert import fresh_summary, pretraining_counts, pretraining_losses, pretraining_model
+from dtrain.trainer import Objective, evaluate_terms
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body() -> int:
+        cfg = runner.parse(argv, "python -m dtrain.pretrain")
+        env = runner.setup(cfg)
+        tokenizer = runner.tokenizer_for(cfg)
+        model, fresh = pretraining_model(cfg.model.name_or_path, cfg.model.dropout, cfg.model.attn_implementation)
+        if env.is_main:
+            print(f"dtrain: model {cfg.model.name_or_path}: {fresh_summary(fresh)}", file=sys.stderr)
+        d = cfg.data
+
+        def collator(data):  # noqa: ANN001, ANN202
+            return PretrainingCollator(data, tokenizer, d.max_seq_len, cfg.seed, d.mlm_probability,
+                                       d.max_predictions_per_seq, d.whole_word_masking, d.nsp_probability)
+
+        train = runner.open_data(cfg, d.train, "data.train", tokenizer)
+        objective = Objective(pretraining_losses, pretraining_counts)
+        evaluate = None
+        if d.eval:
+            held_out = runner.open_data(cfg, d.eval, "data.eval", tokenizer)
+            eval_loader = runner.stream(cfg, held_out, collator(held_out), env, train=False)
+
+            def evaluate(engine):  # noqa: ANN001, ANN202
+                return evaluate_terms(engine, eval_loader, objective)
+
+        masked = min(d.max_predictions_per_seq, d.mlm_probability * d.max_seq_len) / d.max_seq_len
+        flops = training_flops_per_token(model.config, d.max_seq_len, masked)
+        trainer = runner.run(cfg, env, model, objective, runner.stream(cfg, train, collator(train), env, train=True),
+                             evaluate, tokenizer, flops, metric=cfg.task.metric or "mlm_loss")
+        trainer.logger.close()
+        return 0
+
+    return runner.main_guard(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""What both entry points do around the model: arguments, debug mode, process group, tokenizer, streams, the
+engine, checkpointer and logger, resume, fit, teardown. Imported by entry points only."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dtrain.checkpoint import Checkpointer
+from dtrain.config import Config, load_config, save_run_config
+from dtrain.data.shards import ShardedDataset, tokenizer_fingerprint
+from dtrain.data.stream import StreamingDataset, StreamLoader
+from dtrain.distributed import DistEnv, init_distributed
+from dtrain.engine import build_engine
+from dtrain.errors import DtrainError
+from dtrain.logging import RunLogger, peak_flops
+from dtrain.model.presets import PRESETS
+from dtrain.trainer import Objective, Trainer
+
+DEBUG_STEPS = 20
+
+
+def parse(argv: Sequence[str] | None, prog: str) -> Config:
+    ap = argparse.ArgumentParser(prog=prog, description="Run from a YAML config plus key=value overrides.")
+    ap.add_argument("--config", help="YAML config (may extend others with base:)")
+    ap.add_argument("--debug", action="store_true", help="same as debug=true")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    args = ap.parse_intermixed_args(argv)  # flags may sit among the key=value overrides
+    cfg = load_config(args.config, [*args.overrides, *(["debug=true"] if args.debug else [])])
+    if cfg.debug:
+        if cfg.model.name_or_path in PRESETS:
+            cfg.model.name_or_path = "tiny"
+        cfg.schedule.max_steps = min(cfg.schedule.max_steps or DEBUG_STEPS, DEBUG_STEPS)
+        cfg.schedule.eval_every_steps = cfg.checkpoint.every_steps = max(1, cfg.schedule.max_steps // 2)
+        cfg.data.num_workers = 0
+    return cfg
+
+
+def setup(cfg: Config) -> DistEnv:
+    env = init_distributed(cfg.parallel.backend)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same on every rank: replicas start identical
+    if env.is_main:
+        save_run_config(cfg)
+    return env
+
+
+def tokenizer_for(cfg: Config) -> Any:
+    from dtrain.data.prepare import load_tokenizer
+
+    name = cfg.model.tokenizer
+    if name is None:
+        if cfg.model.name_or_path in PRESETS:
+            if "uncased" not in cfg.model.name_or_path and cfg.model.name_or_path != "tiny":
+                raise DtrainError(f"model.tokenizer: the preset {cfg.model.name_or_path} has a cased vocabulary and "
+                                  f"no tokenizer ships for it; set model.tokenizer to a cased tokenizer dir")
+            name = "minilm"  # the uncased BERT WordPiece vocabulary (30,522), as the presets
+        else:
+            name = cfg.model.name_or_path
+    if not Path(name).exists():
+        from dtrain.data.examples import DATASETS, example_path
+
+        if name in DATASETS:
+            name = str(example_path(name))
+    return load_tokenizer(name)
+
+
+def open_data(cfg: Config, path: str | None, key: str, tokenizer: Any) -> ShardedDataset:
+    if not path:
+        raise DtrainError(f"{key} is not set; point it at a dataset dir made by `dtrain prepare`")
+    return ShardedDataset(path, verify=cfg.data.verify, expect_fingerprint=tokenizer_fingerprint(tokenizer))
+
+
+def stream(cfg: Config, data: ShardedDataset, collate: Callable, env: DistEnv, train: bool) -> StreamLoader:
+    dataset = StreamingDataset(data, cfg.data.micro_batch_size, seed=cfg.seed, shuffle=train and cfg.data.shuffle,
+                               drop_last=train and cfg.data.drop_last, shuffle_block=cfg.data.shuffle_block,
+                               bucket_window=cfg.data.bucket_window if train else 0, rank=env.rank,
+                               world_size=env.world_size)
+    return StreamLoader(dataset, collate, num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda")
+
+
+def total_steps(cfg: Config, loader: StreamLoader) -> int:
+    if cfg.schedule.max_steps:
+        return cfg.schedule.max_steps
+    per_epoch = len(loader) // cfg.schedule.grad_accum_steps
+    if per_epoch < 1:
+        raise DtrainError(f"one epoch holds fewer than schedule.grad_accum_steps={cfg.schedule.grad_accum_steps} "
+                          f"micro-batches; lower data.micro_batch_size or grad_accum_steps, or set max_steps")
+    return math.ceil(cfg.schedule.epochs * per_epoch)
+
+
+def run(cfg: Config, env: DistEnv, model: torch.nn.Module, objective: Objective, loader: StreamLoader,
+        evaluate: Callable | None, tokenizer: Any, flops_per_token: float, metric: str | None) -> Trainer:
+    """Build the engine and the loop's helpers, resume if asked, train, export."""
+    steps = total_steps(cfg, loader)
+    engine = build_engine(cfg, model, env, steps)
+    logger = RunLogger(cfg.run_dir, env.is_main, steps, cfg.logging.every_steps, cfg.logging.tensorboard,
+                       cfg.logging.progress_bar, flops_per_token, peak_flops(env.device), env.world_size)
+    trainer = Trainer(env, engine, loader, objective, steps, cfg.schedule.grad_accum_steps,
+                      Checkpointer(cfg.run_dir, env, cfg.checkpoint.keep_last), logger, cfg.to_yaml(),
+                      evaluate=evaluate, eval_every=cfg.schedule.eval_every_steps,
+                      checkpoint_every=cfg.checkpoint.every_steps, metric=metric,
+                      patience=cfg.schedule.early_stopping_patience,
+                      export_dir=Path(cfg.run_dir) / "export" if cfg.checkpoint.export else None, tokenizer=tokenizer,
+                      stop_at_step=cfg.schedule.stop_at_step)
+    logger.text("config", "```\n" + cfg.to_yaml() + "\n```")
+    trainer.resume(cfg.checkpoint.resume)
+    trainer.fit()
+    return trainer
+
+
+def main_guard(main: Callable[[], int]) -> int:
+    """Entry points: one-line errors (rank-tagged under torchrun), exit status 2, teardown always."""
+    from dtrain.distributed import teardown
+
+    try:
+        return main()
+    except DtrainError as e:
+        print(f"dtrain: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        teardown()

@@ -1,0 +1,201 @@
+"""The training loop. `train_step` reads top to bottom; every decision that must agree across ranks (loss, stop,
+early stopping) comes from a collective, so ranks never diverge."""
+
+from __future__ import annotations
+
+import math
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtrain.checkpoint import Checkpointer, export_hf
+from dtrain.distributed import DistEnv, all_reduce_sum, any_rank
+from dtrain.engine.base import Engine, NonFiniteError
+from dtrain.errors import DtrainError
+from dtrain.logging import RunLogger
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Objective:
+    """What is learned: summed loss terms of a batch, and how many targets each term has (from the labels)."""
+
+    losses: Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]
+    counts: Callable[[Batch], dict[str, torch.Tensor]]
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done (skipped fp16 steps included)
+    skipped: int = 0
+    samples: int = 0
+    tokens: int = 0
+    best: float | None = None
+    bad_evals: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # eval results, for the run report
+
+
+class Trainer:
+    def __init__(self, env: DistEnv, engine: Engine, loader: Any, objective: Objective, total_steps: int,
+                 grad_accum: int, checkpointer: Checkpointer, logger: RunLogger, config_yaml: str,
+                 evaluate: Callable[[Engine], dict[str, float]] | None = None, eval_every: int | None = None,
+                 checkpoint_every: int | None = None, metric: str | None = None, patience: int | None = None,
+                 export_dir: Path | None = None, tokenizer: Any = None, stop_at_step: int | None = None):
+        self.env, self.engine, self.loader, self.objective = env, engine, loader, objective
+        self.total_steps, self.grad_accum = total_steps, grad_accum
+        self.checkpointer, self.logger, self.config_yaml = checkpointer, logger, config_yaml
+        self.evaluate, self.eval_every, self.checkpoint_every = evaluate, eval_every, checkpoint_every
+        self.metric, self.patience = metric, patience
+        self.export_dir, self.tokenizer, self.stop_at_step = export_dir, tokenizer, stop_at_step
+        self.state = TrainerState()
+        self._preempted = False
+
+    # -- state ------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.state.__dict__, "stream": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["stream"])
+        self.state = TrainerState(**{k: state[k] for k in TrainerState.__dataclass_fields__ if k in state})
+
+    def resume(self, resume: str) -> Path | None:
+        path = self.checkpointer.resolve(resume)
+        if path is not None:
+            self.load_state_dict(self.checkpointer.load(path, self.engine))
+            self.logger.info(f"resumed from {path} at step {self.state.step}")
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+
+    def _micro_batches(self) -> Iterator[Batch]:
+        while True:
+            produced = False
+            for batch in self.loader:
+                produced = True
+                yield batch
+            if not produced:
+                raise DtrainError("the training data yields no batch: the dataset is smaller than one global batch "
+                                  "(lower data.micro_batch_size or set data.drop_last=false)")
+
+    def train_step(self, micro: list[Batch]) -> dict[str, float]:
+        """One optimizer step over `micro` (grad_accum micro-batches): each term's summed loss is divided by its
+        target count over all micro-batches and ranks, so the step's gradient does not depend on how the global
+        batch is split."""
+        counts = [self.objective.counts(b) for b in micro]
+        names = list(counts[0])
+        local = torch.tensor([float(sum(c[k] for c in counts)) for k in names]
+                             + [float(sum(int((~b["pad"]).sum()) for b in micro)),
+                                float(sum(int(b["attention_mask"].sum()) for b in micro))])
+        totals = all_reduce_sum(local.to(self.engine.device)).cpu()
+        denominators = {k: max(float(totals[i]), 1.0) for i, k in enumerate(names)}
+        sums = torch.zeros(len(names), device=self.engine.device)
+        self.engine.train()
+        for i, batch in enumerate(micro):
+            with self.engine.micro_batch(last=i == len(micro) - 1):
+                terms = self.engine.forward(self.objective.losses, batch)
+                loss = sum(terms[k] / denominators[k] for k in names)
+                self.engine.backward(loss)
+            sums += torch.stack([terms[k].detach().float() for k in names])
+        info = self.engine.step()
+        step_terms = all_reduce_sum(sums).cpu()
+        scalars = {f"{k}_loss": float(step_terms[i]) / denominators[k] for i, k in enumerate(names)}
+        scalars["loss"] = sum(scalars.values())
+        if not math.isfinite(scalars["loss"]) and not info.skipped:
+            raise NonFiniteError(f"the loss is {scalars['loss']} at step {self.state.step + 1} (seen by all ranks); "
+                                 f"nothing was saved from this step: lower optim.lr or resume from the last "
+                                 f"checkpoint")
+        self.state.step += 1
+        self.state.skipped += int(info.skipped)
+        samples, tokens = int(totals[len(names)]), int(totals[len(names) + 1])
+        self.state.samples += samples
+        self.state.tokens += tokens
+        scalars.update(lr=self.engine.lr, grad_norm=info.grad_norm, skipped_steps=float(self.state.skipped))
+        if info.loss_scale is not None:
+            scalars["loss_scale"] = info.loss_scale
+        self.logger.step(self.state.step, scalars, samples, tokens)
+        return scalars
+
+    def fit(self) -> TrainerState:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            batches = self._micro_batches()
+            while self.state.step < self.total_steps:
+                self.train_step([next(batches) for _ in range(self.grad_accum)])
+                step = self.state.step
+                stop = False
+                if self.evaluate and self.eval_every and step % self.eval_every == 0 and step < self.total_steps:
+                    stop = self._eval_and_maybe_stop()
+                if any_rank(self._preempted, self.engine.device) or step == self.stop_at_step:
+                    self.logger.info(f"{'preemption signal' if self._preempted else 'schedule.stop_at_step'}: "
+                                     f"saving at step {step} and stopping")
+                    self.save()
+                    return self.state
+                if stop:
+                    break
+                if self.checkpoint_every and step % self.checkpoint_every == 0 and step < self.total_steps:
+                    self.save()
+            if self.evaluate:
+                self._eval_and_maybe_stop()
+            self.save()
+            if self.export_dir is not None:
+                export_hf(self.engine, self.engine.model, self.tokenizer, self.export_dir, self.env)
+                self.logger.info(f"exported the model to {self.export_dir}")
+            return self.state
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    # -- pieces -----------------------------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        return self.checkpointer.save(self.state.step, self.engine, self.state_dict(), self.config_yaml)
+
+    def _eval_and_maybe_stop(self) -> bool:
+        """Evaluate (metrics are reduced over ranks by `evaluate`, so every rank decides the same)."""
+        with self.engine.evaluating():
+            metrics = self.evaluate(self.engine)
+        self.logger.eval(self.state.step, metrics)
+        self.state.history.append({"step": self.state.step, **metrics})
+        if not self.metric or self.metric not in metrics:
+            return False
+        value = metrics[self.metric]
+        better = (self.state.best is None or
+                  (value < self.state.best if self.metric.endswith("loss") else value > self.state.best))
+        if better:
+            self.state.best, self.state.bad_evals = value, 0
+            return False
+        self.state.bad_evals += 1
+        if self.patience and self.state.bad_evals >= self.patience:
+            self.logger.info(f"early stopping: {self.metric} has not improved for {self.patience} evaluations")
+            return True
+        return False
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._preempted = True
+
+
+def evaluate_terms(engine: Engine, loader: Any, objective: Objective) -> dict[str, float]:
+    """Mean of every loss term over a whole evaluation stream (all ranks), and their sum as `loss`."""
+    names: list[str] | None = None
+    sums = counts = None
+    for batch in loader:
+        terms = engine.forward(objective.losses, batch)
+        n = objective.counts(batch)
+        if names is None:
+            names = list(terms)
+            sums = torch.zeros(len(names), dtype=torch.float64)
+            counts = torch.zeros(len(names), dtype=torch.float64)
+        sums += torch.tensor([float(terms[k]) for k in names], dtype=torch.float64)
+        counts += torch.tensor([float(n[k]) for k in names], dtype=torch.float64)
+    if names is None:
+        return {}
+    total = all_reduce_sum(torch.cat([sums, counts]).to(engine.device)).cpu()
+    out = {f"{k}_loss": float(total[i] / max(float(total[len(names) + i]), 1.0)) for i, k in enumerate(names)}
+    out["loss"] = sum(out.values())
+    return out
