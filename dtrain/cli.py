@@ -73,6 +73,14 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    if args.command == "pretrain":
+        from dtrain.pretrain import main
+    else:
+        from dtrain.finetune import main
+    return main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrain", description="A distributed trainer for BERT models.")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
@@ -92,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--only", nargs="+", metavar="NAME", help="fetch only these examples")
     fetch.add_argument("--force", action="store_true", help="rebuild even when the cached copy verifies")
     fetch.set_defaults(func=_fetch_examples)
+    for name in ("pretrain", "finetune"):
+        train = sub.add_parser(name, help=f"same as python -m dtrain.{name} (--config, --debug, key=value ...)",
+                               add_help=False)
+        train.add_argument("args", nargs=argparse.REMAINDER)
+        train.set_defaults(func=_train)
+
     prep = sub.add_parser("prepare", help="tokenize raw text or labelled files into a sharded dataset")
     prep_sub = prep.add_subparsers(dest="prepare_command", metavar="<pretrain|finetune>", required=True)
     for name, help_text in [("pretrain", "raw text (.txt, .jsonl, a saved datasets dir) → MLM/NSP shards"),
