@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("pretrain", "finetune"):  # the entry point parses the rest (--help included)
+        return _train(argparse.Namespace(command=argv[0], args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
