@@ -14,7 +14,6 @@ import torch
 from dtrain.config import PrecisionConfig
 from dtrain.distributed import DistEnv
 from dtrain.engine.ddp import DDPEngine
-from tests.conftest import make_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 STEP = re.compile(r"^step (\d+)/\d+ (.*)$")
@@ -40,18 +39,6 @@ def losses(result):
             fields = dict(kv.split("=") for kv in m.group(2).split())
             out[int(m.group(1))] = float(fields["loss"])
     return out
-
-
-@pytest.fixture(scope="module")
-def corpus_data(tmp_path_factory, tokenizer_dir):
-    from dtrain.data.prepare import prepare_pretrain
-
-    root = tmp_path_factory.mktemp("train")
-    prepare_pretrain([str(make_corpus(root / "c", docs=80, seed=3))], root / "train", str(tokenizer_dir),
-                     max_seq_len=64, workers=1)
-    prepare_pretrain([str(make_corpus(root / "e", docs=10, seed=4))], root / "eval", str(tokenizer_dir),
-                     max_seq_len=64, workers=1)
-    return root
 
 
 def pretrain_args(corpus_data, tokenizer_dir, run_dir, *extra):
