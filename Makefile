@@ -25,7 +25,8 @@ lint: install
 test: lint
 	$(VENV)/bin/python -m pytest
 
-# The demo so far: fetch the examples, then prepare the pretraining corpus and the sentiment splits as shards.
+# The demo: fetch the examples; prepare the BBC corpus (+ held-out BBC articles) and the sentiment splits as shards;
+# continue MLM+NSP pretraining of MiniLM on BBC under torchrun with 2 processes, held-out MLM loss before → after.
 EXAMPLES = $${DTRAIN_CACHE:-$$HOME/.cache/dtrain}/examples
 DEMO     = runs/demo/data
 demo: install
@@ -37,6 +38,10 @@ demo: install
 			--tokenizer minilm --max-seq-len 64 --overwrite $$([ $$split = train ] || echo --labels $(DEMO)/sentiment_en/train) \
 			|| exit 1; \
 	done
+	$(VENV)/bin/dtrain prepare pretrain $(EXAMPLES)/topic_en/dev.jsonl --out $(DEMO)/bbc_heldout --tokenizer minilm \
+		--max-seq-len 128 --overwrite
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 -m dtrain.pretrain --config configs/pretrain/minilm_bbc.yaml \
+		checkpoint.resume=none logging.progress_bar=false
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

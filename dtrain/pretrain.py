@@ -42,6 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         flops = training_flops_per_token(model.config, d.max_seq_len, masked)
         trainer = runner.run(cfg, env, model, objective, runner.stream(cfg, train, collator(train), env, train=True),
                              evaluate, tokenizer, flops, metric=cfg.task.metric or "mlm_loss")
+        history = [h for h in trainer.state.history if "mlm_loss" in h]
+        if env.is_main and len(history) >= 2:
+            first, last = history[0], history[-1]
+            print(f"dtrain: held-out MLM loss {first['mlm_loss']:.4f} (step {first['step']}) → {last['mlm_loss']:.4f} "
+                  f"(step {last['step']}); NSP loss {first['nsp_loss']:.4f} → {last['nsp_loss']:.4f}")
         trainer.logger.close()
         return 0
 

@@ -44,8 +44,18 @@ def parse(argv: Sequence[str] | None, prog: str) -> Config:
     return cfg
 
 
+def example_or_path(name: str) -> str:
+    """An example name (minilm) → its fetched dir; anything else unchanged."""
+    if name in PRESETS or Path(name).exists():
+        return name
+    from dtrain.data.examples import DATASETS, example_path
+
+    return str(example_path(name)) if name in DATASETS else name
+
+
 def setup(cfg: Config) -> DistEnv:
     env = init_distributed(cfg.parallel.backend)
+    cfg.model.name_or_path = example_or_path(cfg.model.name_or_path)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every rank: replicas start identical
@@ -66,12 +76,7 @@ def tokenizer_for(cfg: Config) -> Any:
             name = "minilm"  # the uncased BERT WordPiece vocabulary (30,522), as the presets
         else:
             name = cfg.model.name_or_path
-    if not Path(name).exists():
-        from dtrain.data.examples import DATASETS, example_path
-
-        if name in DATASETS:
-            name = str(example_path(name))
-    return load_tokenizer(name)
+    return load_tokenizer(example_or_path(name))
 
 
 def open_data(cfg: Config, path: str | None, key: str, tokenizer: Any) -> ShardedDataset:

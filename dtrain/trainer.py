@@ -124,6 +124,8 @@ class Trainer:
     def fit(self) -> TrainerState:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
+            if self.evaluate and self.state.step == 0:
+                self._eval_and_maybe_stop()  # the baseline the run is measured against
             batches = self._micro_batches()
             while self.state.step < self.total_steps:
                 self.train_step([next(batches) for _ in range(self.grad_accum)])
