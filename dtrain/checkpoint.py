@@ -92,14 +92,7 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint: the one `latest` names, else the highest complete step dir."""
-        pointer = self.root / LATEST
-        if pointer.is_file():
-            named = self.root / pointer.read_text().strip()
-            if (named / TRAINER_FILE).is_file():
-                return named
-        done = sorted(p for p in self.root.glob("step-*") if (p / TRAINER_FILE).is_file())
-        return done[-1] if done else None
+        return latest_checkpoint(self.root)
 
     def resolve(self, resume: str) -> Path | None:
         """checkpoint.resume → the dir to resume from (None: start fresh)."""
@@ -128,16 +121,33 @@ class Checkpointer:
         return json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
 
 
-def export_hf(engine: Engine, model_template: torch.nn.Module, tokenizer: Any, out: Path, env: DistEnv) -> None:
-    """Write an HF model dir (config, safetensors) + tokenizer from the engine's consolidated weights (rank 0)."""
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`: the one `latest` names, else the highest complete step dir."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if (named / TRAINER_FILE).is_file():
+            return named
+    done = sorted(p for p in root.glob("step-*") if (p / TRAINER_FILE).is_file())
+    return done[-1] if done else None
+
+
+def export_hf(engine: Engine, model_template: torch.nn.Module, tokenizer: Any, out: Path, env: DistEnv,
+              checkpoint: Path | None = None) -> None:
+    """Write an HF model dir (config, safetensors) + tokenizer from the engine's consolidated weights (rank 0);
+    `checkpoint`: the checkpoint just saved of this state."""
     from dtrain.model.bert import quiet_transformers
 
-    state = engine.full_state_dict()
+    state = engine.full_state_dict(checkpoint)
     if env.is_main:
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         with quiet_transformers():
             model_template.save_pretrained(tmp, state_dict=state)
+        # save_pretrained records the module's dtype (16-bit under DeepSpeed bf16/fp16); the weights written are fp32
+        config = json.loads((tmp / "config.json").read_text())
+        config.update({k: "float32" for k in ("dtype", "torch_dtype") if k in config})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():

@@ -81,6 +81,14 @@ def _train(args: argparse.Namespace) -> int:
     return main(args.args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from dtrain.export import export
+
+    ckpt = export(args.source, args.out, overwrite=args.overwrite)
+    print(f"{args.out}: Hugging Face model from {ckpt}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrain", description="A distributed trainer for BERT models.")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
@@ -105,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                                add_help=False)
         train.add_argument("args", nargs=argparse.REMAINDER)
         train.set_defaults(func=_train)
+
+    exp = sub.add_parser("export", help="a checkpoint (DDP or DeepSpeed ZeRO 0-3) → a Hugging Face model dir")
+    exp.add_argument("source", help="run dir (its latest checkpoint) or a checkpoints/step-N dir")
+    exp.add_argument("out", help="output dir (refused if it exists and is not empty)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output dir when done")
+    exp.set_defaults(func=_export)
 
     prep = sub.add_parser("prepare", help="tokenize raw text or labelled files into a sharded dataset")
     prep_sub = prep.add_subparsers(dest="prepare_command", metavar="<pretrain|finetune>", required=True)

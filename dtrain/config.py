@@ -109,6 +109,8 @@ class ParallelConfig:
     zero_stage: Literal[0, 1, 2, 3] = opt(0, "DeepSpeed ZeRO stage")
     backend: Literal["auto", "nccl", "gloo"] = opt("auto", "Process-group backend; auto = nccl on GPU, gloo on CPU")
     deepspeed_config: str | None = opt(None, "JSON file merged over the DeepSpeed config dtrain generates")
+    offload_optimizer: bool = opt(False, "DeepSpeed ZeRO 1-3: keep optimizer states (and step) in CPU memory")
+    offload_params: bool = opt(False, "DeepSpeed ZeRO 3: keep parameters in CPU memory between uses")
 
 
 @dataclass
@@ -393,6 +395,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
 
 def validate(cfg: Config) -> None:
     """Checks that span several keys (each key's own type and range are checked as it is read)."""
+    p = cfg.parallel
+    if (p.offload_optimizer or p.offload_params) and p.engine != "deepspeed":
+        raise ConfigError("parallel.offload_optimizer/offload_params need parallel.engine=deepspeed; set it or "
+                          "turn offloading off")
+    if p.offload_optimizer and p.zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
+    if p.offload_params and p.zero_stage != 3:
+        raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
     if cfg.parallel.engine == "ddp" and cfg.parallel.zero_stage != 0:
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage} needs parallel.engine=deepspeed (DDP has no "
                           f"ZeRO); set parallel.engine=deepspeed or parallel.zero_stage=0")

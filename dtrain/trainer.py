@@ -144,9 +144,9 @@ class Trainer:
                     self.save()
             if self.evaluate:
                 self._eval_and_maybe_stop()
-            self.save()
+            final = self.save()
             if self.export_dir is not None:
-                export_hf(self.engine, self.engine.model, self.tokenizer, self.export_dir, self.env)
+                export_hf(self.engine, self.engine.model, self.tokenizer, self.export_dir, self.env, final)
                 self.logger.info(f"exported the model to {self.export_dir}")
             return self.state
         finally:

@@ -75,8 +75,9 @@ class Engine(ABC):
         """Restore what save() wrote."""
 
     @abstractmethod
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights in fp32 on rank 0 (None on other ranks), for export."""
+    def full_state_dict(self, checkpoint: Path | None = None) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights in fp32 on rank 0 (None on other ranks), for export; `checkpoint`: a checkpoint
+        of the current state, which an engine may read its fp32 master weights from."""
 
     @property
     def lr(self) -> float:

@@ -94,5 +94,5 @@ class DDPEngine(Engine):
     def load(self, path: Path) -> None:
         self.load_state_dict(torch.load(path / STATE_FILE, map_location=self.device, weights_only=False))
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+    def full_state_dict(self, checkpoint: Path | None = None) -> dict[str, torch.Tensor] | None:
         return {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()} if self.env.is_main else None

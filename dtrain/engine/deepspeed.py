@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,18 @@ TAG = "deepspeed"
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     p = cfg.precision
+    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.parallel.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": cfg.schedule.grad_accum_steps,
         "train_batch_size": cfg.data.micro_batch_size * cfg.schedule.grad_accum_steps * world_size,
         "gradient_clipping": cfg.optim.max_grad_norm or 0.0,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,  # offload works with dtrain's torch optimizer too
         "bf16": {"enabled": p.dtype == "bf16"},
         "fp16": {"enabled": p.dtype == "fp16", "loss_scale": 0, "initial_scale_power": p.initial_loss_scale_power,
                  "loss_scale_window": p.loss_scale_window, "min_loss_scale": p.min_loss_scale},
@@ -69,6 +76,9 @@ class DeepSpeedEngine(Engine):
         self.env, self.device, self.model = env, env.device, model
         self.stage = cfg.parallel.zero_stage
         config, self.changes = merge_user_config(deepspeed_config(cfg, env.world_size), cfg.parallel.deepspeed_config)
+        if env.is_main:
+            for change in self.changes:
+                print(f"dtrain: parallel.deepspeed_config overrides {change}", file=sys.stderr)
         self.gas = int(config["gradient_accumulation_steps"])
         if self.gas != cfg.schedule.grad_accum_steps:
             raise DtrainError("parallel.deepspeed_config sets gradient_accumulation_steps; set "
@@ -77,6 +87,7 @@ class DeepSpeedEngine(Engine):
             model=Forward(model), optimizer=optimizer, lr_scheduler=scheduler, config=config,
             dist_init_required=False)
         self.fp16 = bool(config["fp16"]["enabled"])
+        self.half = self.fp16 or bool(config["bf16"]["enabled"])
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # DeepSpeed counts micro-steps itself
@@ -116,9 +127,19 @@ class DeepSpeedEngine(Engine):
         if loaded is None:
             raise DtrainError(f"{path}: no DeepSpeed checkpoint (tag {TAG}) in it; it was written by another engine")
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """All ranks take part (ZeRO-3 gathers the partitions); rank 0 gets the weights."""
+    def full_state_dict(self, checkpoint: Path | None = None) -> dict[str, torch.Tensor] | None:
+        """All ranks take part (ZeRO-3 gathers the partitions); rank 0 gets the weights. In bf16/fp16 with ZeRO
+        1–3 and a checkpoint of the current state given, these are its fp32 master weights (the module itself
+        holds 16-bit copies)."""
         import deepspeed
+
+        if self.half and self.stage > 0 and checkpoint is not None:
+            if self.env.is_main:
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+                state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+                return {k.removeprefix("model."): v.float() for k, v in state.items()}
+            return None
 
         params = list(self.model.parameters())
         gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.stage == 3 \

@@ -37,19 +37,47 @@ def test_zero_stages_match_ddp_in_fp32(corpus_data, tokenizer_dir, tmp_path, ddp
         theirs = AutoModelForPreTraining.from_pretrained(ddp_dir / "export").state_dict()
         for name, value in theirs.items():
             assert torch.allclose(mine[name], value, atol=1e-5), name
+        # and `dtrain export` rebuilds the same model from the ZeRO-3 checkpoint alone
+        from tests.conftest import run_cli
+
+        exported = run_cli("export", str(tmp_path), str(tmp_path / "exported"))
+        assert exported.returncode == 0, exported.stderr[-2000:]
+        again = AutoModelForPreTraining.from_pretrained(tmp_path / "exported").state_dict()
+        assert all(torch.equal(again[k], v) for k, v in mine.items())
+
+
+def test_zero2_matches_ddp_over_twenty_steps(corpus_data, tokenizer_dir, tmp_path):
+    twenty = ("schedule.max_steps=20", "data.micro_batch_size=4", "data.eval=null", "checkpoint.export=false")
+    ddp = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path / "ddp", *twenty), nproc=2)
+    zero = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path / "z2", *twenty,
+                                                 "parallel.engine=deepspeed", "parallel.zero_stage=2"), nproc=2)
+    assert ddp.returncode == 0 and zero.returncode == 0, (ddp.stderr + zero.stderr)[-3000:]
+    a, b = losses(ddp), losses(zero)
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-4), step
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stages_train_in_bf16(corpus_data, tokenizer_dir, tmp_path, stage):
     result = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path, "schedule.max_steps=12",
                                                    "data.micro_batch_size=4", "data.eval=null", "optim.lr=3e-3",
-                                                   "schedule.warmup=0", "checkpoint.export=false",
+                                                   "schedule.warmup=0", f"checkpoint.export={stage == 3}",
                                                    "parallel.engine=deepspeed", f"parallel.zero_stage={stage}",
                                                    "precision.dtype=bf16"), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     per_step = losses(result)
     assert sorted(per_step) == list(range(1, 13))
     assert sum(per_step[s] for s in (10, 11, 12)) < sum(per_step[s] for s in (1, 2, 3))
+    if stage == 3:  # the run's export is the fp32 master copy, as `dtrain export` reconstructs it
+        from transformers import AutoModelForPreTraining
+
+        from tests.conftest import run_cli
+
+        assert run_cli("export", str(tmp_path), str(tmp_path / "exported")).returncode == 0
+        a = AutoModelForPreTraining.from_pretrained(tmp_path / "export").state_dict()
+        b = AutoModelForPreTraining.from_pretrained(tmp_path / "exported").state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -81,3 +109,30 @@ def test_user_deepspeed_json_is_merged_and_changes_reported(tmp_path):
     assert merged["train_batch_size"] == 8 and merged["gradient_clipping"] == 0.5
     assert sorted(changes) == ["gradient_clipping: dtrain 1.0 → ds.json 0.5",
                                "zero_optimization.stage: dtrain 1 → ds.json 2"]
+
+
+def test_zero3_with_cpu_offload_matches_ddp(corpus_data, tokenizer_dir, tmp_path, ddp_reference):
+    result = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path, *STEPS,
+                                                   "checkpoint.export=false", "parallel.engine=deepspeed",
+                                                   "parallel.zero_stage=3", "parallel.offload_optimizer=true",
+                                                   "parallel.offload_params=true"), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference, _ = ddp_reference
+    ours = losses(result)
+    assert sorted(ours) == [1, 2, 3, 4]
+    for step in ours:
+        assert ours[step] == pytest.approx(reference[step], abs=1e-5), step
+
+
+def test_finetune_on_two_ranks_with_zero2_bf16(tokenizer_dir, tmp_path):
+    from tests.integration.test_training import write_sentiment
+
+    data = write_sentiment(tmp_path, tokenizer_dir)
+    result = run("dtrain.finetune", "--config", "configs/finetune/debug.yaml", f"data.train={data['train']}",
+                 f"data.eval={data['dev']}", f"data.test={data['test']}", f"model.tokenizer={tokenizer_dir}",
+                 f"run_dir={tmp_path / 'run'}", "schedule.max_steps=40", "schedule.eval_every_steps=20",
+                 "optim.lr=2e-3", "data.micro_batch_size=8", "logging.progress_bar=false", "data.max_seq_len=32",
+                 "parallel.engine=deepspeed", "parallel.zero_stage=2", "precision.dtype=bf16", nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "test_report.json").read_text())
+    assert report["accuracy"] > 0.8

@@ -162,7 +162,8 @@ def test_resume_into_a_different_model_shape_is_refused(corpus_data, tokenizer_d
     assert "does not fit this model/optimizer" in errors[0] and "checkpoint.resume=none" in errors[0]
 
 
-def test_finetune_classification_reports_and_exports_a_pipeline_model(tokenizer_dir, tmp_path):
+def write_sentiment(root, tokenizer_dir):
+    """A learnable toy sentiment task ("growth" → pos, "police" → neg), prepared as train/dev/test shards."""
     import random
 
     from dtrain.data.prepare import prepare_finetune
@@ -176,9 +177,14 @@ def test_finetune_classification_reports_and_exports_a_pipeline_model(tokenizer_
             words = [rng.choice(WORDS[:40]) for _ in range(rng.randint(3, 12))]
             words.insert(rng.randint(0, len(words)), "growth" if label == "pos" else "police")
             rows.append(json.dumps({"text": " ".join(words), "label": label}))
-        (tmp_path / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
-        prepare_finetune([str(tmp_path / f"{split}.jsonl")], tmp_path / split, str(tokenizer_dir), max_seq_len=32,
-                         workers=1, labels=None if split == "train" else str(tmp_path / "train"))
+        (root / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+        prepare_finetune([str(root / f"{split}.jsonl")], root / split, str(tokenizer_dir), max_seq_len=32,
+                         workers=1, labels=None if split == "train" else str(root / "train"))
+    return {split: root / split for split in ("train", "dev", "test")}
+
+
+def test_finetune_classification_reports_and_exports_a_pipeline_model(tokenizer_dir, tmp_path):
+    write_sentiment(tmp_path, tokenizer_dir)
     result = run("dtrain.finetune", "--config", "configs/finetune/debug.yaml", f"data.train={tmp_path / 'train'}",
                  f"data.eval={tmp_path / 'dev'}", f"data.test={tmp_path / 'test'}", f"model.tokenizer={tokenizer_dir}",
                  f"run_dir={tmp_path / 'run'}", "schedule.max_steps=60", "schedule.eval_every_steps=30",
@@ -191,3 +197,35 @@ def test_finetune_classification_reports_and_exports_a_pipeline_model(tokenizer_
     classify = pipeline("text-classification", model=str(tmp_path / "run" / "export"))
     assert classify("the market had growth")[0]["label"] == "pos"
     assert classify("the police was new")[0]["label"] == "neg"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_ddp_mixed_precision_on_two_ranks_learns(corpus_data, tokenizer_dir, tmp_path, dtype):
+    result = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path, "schedule.max_steps=12",
+                                                   "data.micro_batch_size=4", "data.eval=null", "optim.lr=3e-3",
+                                                   "schedule.warmup=0", "checkpoint.export=false",
+                                                   f"precision.dtype={dtype}"), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    per_step = losses(result)
+    assert sorted(per_step) == list(range(1, 13))
+    assert sum(per_step[s] for s in (10, 11, 12)) < sum(per_step[s] for s in (1, 2, 3))
+    if dtype == "fp16":
+        assert "loss_scale=" in result.stdout + result.stderr
+
+
+def test_ddp_resume_at_another_world_size_continues_the_same_run(corpus_data, tokenizer_dir, tmp_path):
+    """Stop a 2-rank run (micro 4) at step 2 and finish it on 1 rank (micro 8): the same global batches, the same
+    losses as an uninterrupted 1-rank run."""
+    common = ("schedule.max_steps=4", "data.eval=null", "checkpoint.export=false")
+    straight = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path / "a", *common,
+                                                     "data.micro_batch_size=8"))
+    first = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path / "b", *common,
+                                                  "data.micro_batch_size=4", "schedule.stop_at_step=2"), nproc=2)
+    second = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path / "b", *common,
+                                                   "data.micro_batch_size=8"))
+    for r in (straight, first, second):
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(straight), losses(first) | losses(second)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
