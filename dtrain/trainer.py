@@ -102,7 +102,10 @@ class Trainer:
                 loss = sum(terms[k] / denominators[k] for k in names)
                 self.engine.backward(loss)
             sums += torch.stack([terms[k].detach().float() for k in names])
-        info = self.engine.step()
+        try:
+            info = self.engine.step()
+        except NonFiniteError as e:
+            raise NonFiniteError(f"step {self.state.step + 1}: {e}") from None
         step_terms = all_reduce_sum(sums).cpu()
         scalars = {f"{k}_loss": float(step_terms[i]) / denominators[k] for i, k in enumerate(names)}
         scalars["loss"] = sum(scalars.values())

@@ -229,3 +229,16 @@ def test_ddp_resume_at_another_world_size_continues_the_same_run(corpus_data, to
     assert sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5), step
+
+
+def test_a_nan_without_loss_scaling_stops_with_the_step_and_saves_nothing(corpus_data, tokenizer_dir, tmp_path):
+    result = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path, "schedule.max_steps=6",
+                                                   "data.eval=null", "optim.lr=1e30", "schedule.warmup=0",
+                                                   "optim.max_grad_norm=null", "checkpoint.every_steps=1"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dtrain: error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert re.match(r"dtrain: error: (step \d+: the gradient norm is (nan|inf)|the loss is (nan|inf) at step \d+)",
+                    errors[0]), errors[0]
+    step = int(re.search(r"step (\d+)", errors[0]).group(1))
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert all(int(name.split("-")[1]) < step for name in saved)  # nothing from the diverged step on
