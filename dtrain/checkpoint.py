@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dtrain.data.shards import atomic_output_dir
 from dtrain.distributed import DistEnv, barrier
 from dtrain.engine.base import Engine
 from dtrain.errors import DtrainError
@@ -140,17 +141,13 @@ def export_hf(engine: Engine, model_template: torch.nn.Module, tokenizer: Any, o
 
     state = engine.full_state_dict(checkpoint)
     if env.is_main:
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with quiet_transformers():
-            model_template.save_pretrained(tmp, state_dict=state)
-        # save_pretrained records the module's dtype (16-bit under DeepSpeed bf16/fp16); the weights written are fp32
-        config = json.loads((tmp / "config.json").read_text())
-        config.update({k: "float32" for k in ("dtype", "torch_dtype") if k in config})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with atomic_output_dir(out, overwrite=True) as tmp:  # the run's own export: replaced whole when complete
+            with quiet_transformers():
+                model_template.save_pretrained(tmp, state_dict=state)
+            # save_pretrained records the module's dtype (16-bit under DeepSpeed bf16/fp16); the weights are fp32
+            config = json.loads((tmp / "config.json").read_text())
+            config.update({k: "float32" for k in ("dtype", "torch_dtype") if k in config})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     barrier()

@@ -41,20 +41,11 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 64MB or 1GB") from None
 
 
-def _tokenizer_dir(name: str) -> str:
-    from pathlib import Path
-
-    from dtrain.data.examples import DATASETS, example_path
-
-    if not Path(name).exists() and name in DATASETS:  # an example checkpoint, e.g. `--tokenizer minilm`
-        return str(example_path(name))
-    return name
-
-
 def _prepare(args: argparse.Namespace) -> int:
     from dtrain.data import prepare
+    from dtrain.data.examples import example_or_path
 
-    common = {"out": args.out, "tokenizer": _tokenizer_dir(args.tokenizer), "max_seq_len": args.max_seq_len,
+    common = {"out": args.out, "tokenizer": example_or_path(args.tokenizer), "max_seq_len": args.max_seq_len,
               "workers": args.workers, "shard_bytes": args.shard_size, "overwrite": args.overwrite,
               "command": "dtrain " + " ".join(sys.argv[1:])}
     if args.prepare_command == "pretrain":

@@ -16,6 +16,7 @@ import torch
 
 from dtrain.checkpoint import Checkpointer
 from dtrain.config import Config, load_config, save_run_config
+from dtrain.data.examples import example_or_path
 from dtrain.data.shards import ShardedDataset, tokenizer_fingerprint
 from dtrain.data.stream import StreamingDataset, StreamLoader
 from dtrain.distributed import DistEnv, init_distributed
@@ -42,15 +43,6 @@ def parse(argv: Sequence[str] | None, prog: str) -> Config:
         cfg.schedule.eval_every_steps = cfg.checkpoint.every_steps = max(1, cfg.schedule.max_steps // 2)
         cfg.data.num_workers = 0
     return cfg
-
-
-def example_or_path(name: str) -> str:
-    """An example name (minilm) → its fetched dir; anything else unchanged."""
-    if name in PRESETS or Path(name).exists():
-        return name
-    from dtrain.data.examples import DATASETS, example_path
-
-    return str(example_path(name)) if name in DATASETS else name
 
 
 def setup(cfg: Config) -> DistEnv:

@@ -441,6 +441,11 @@ def example_path(name: str, cache: str | os.PathLike | None = None) -> Path:
     return cache_dir(cache) / "examples" / name
 
 
+def example_or_path(name: str) -> str:
+    """An example name (e.g. minilm) that is not an existing path → its fetched dir; anything else unchanged."""
+    return str(example_path(name)) if name in DATASETS and not Path(name).exists() else name
+
+
 def format_summary(manifests: dict[str, dict], root: Path) -> str:
     lines = [f"dtrain examples in {root / 'examples'}"]
     for name, m in manifests.items():
