@@ -42,6 +42,12 @@ demo: install
 		--max-seq-len 128 --overwrite
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 -m dtrain.pretrain --config configs/pretrain/minilm_bbc.yaml \
 		checkpoint.resume=none logging.progress_bar=false
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 -m dtrain.finetune --config configs/finetune/sentiment_en.yaml \
+		data.train=$(DEMO)/sentiment_en/train data.eval=$(DEMO)/sentiment_en/dev data.test=$(DEMO)/sentiment_en/test \
+		run_dir=runs/demo/sentiment checkpoint.resume=none logging.progress_bar=false
+	$(VENV)/bin/dtrain predict --model runs/demo/sentiment --input examples/new_reviews.txt \
+		--output runs/demo/sentiment/new_reviews.predictions.jsonl --overwrite
+	cat runs/demo/sentiment/new_reviews.predictions.jsonl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -25,6 +25,7 @@ from dtrain.errors import DtrainError
 
 TRAINER_FILE = "trainer.json"
 LATEST = "latest"
+BEST = "best"  # names the checkpoint with the best evaluation; never pruned
 
 
 def rng_state() -> dict[str, Any]:
@@ -63,9 +64,14 @@ class Checkpointer:
         self.root = Path(run_dir) / "checkpoints"
         self.env, self.keep_last = env, keep_last
 
-    def save(self, step: int, engine: Engine, trainer_state: dict[str, Any], config_yaml: str) -> Path:
-        """Every rank calls this; returns the final checkpoint dir."""
-        name = f"step-{step:08d}"
+    @staticmethod
+    def name(step: int) -> str:
+        return f"step-{step:08d}"
+
+    def save(self, step: int, engine: Engine, trainer_state: dict[str, Any], config_yaml: str,
+             best: bool = False) -> Path:
+        """Every rank calls this; returns the final checkpoint dir. best: also point `best` at it."""
+        name = self.name(step)
         final, tmp = self.root / name, self.root / f".tmp-{name}"
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -83,17 +89,29 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _write_atomic(self.root / LATEST, name + "\n")
+            if best:
+                _write_atomic(self.root / BEST, name + "\n")
             self._prune()
         barrier()
         return final
 
     def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob("step-*") if (p / TRAINER_FILE).is_file())
+        best = self.best()
+        done = sorted(p for p in self.root.glob("step-*") if (p / TRAINER_FILE).is_file() and p != best)
         for old in done[: max(0, len(done) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.root)
+
+    def best(self) -> Path | None:
+        """The checkpoint with the best evaluation so far (kept apart from the rolling keep_last ones)."""
+        pointer = self.root / BEST
+        if pointer.is_file():
+            named = self.root / pointer.read_text().strip()
+            if (named / TRAINER_FILE).is_file():
+                return named
+        return None
 
     def resolve(self, resume: str) -> Path | None:
         """checkpoint.resume → the dir to resume from (None: start fresh)."""
@@ -138,12 +156,16 @@ def export_hf(engine: Engine, model_template: torch.nn.Module, tokenizer: Any, o
     """Write an HF model dir (config, safetensors) + tokenizer from the engine's consolidated weights (rank 0);
     `checkpoint`: the checkpoint just saved of this state."""
     from dtrain.model.bert import quiet_transformers
+    from dtrain.model.peft import base_hf_model, is_peft
 
     state = engine.full_state_dict(checkpoint)
     if env.is_main:
         with atomic_output_dir(out, overwrite=True) as tmp:  # the run's own export: replaced whole when complete
             with quiet_transformers():
-                model_template.save_pretrained(tmp, state_dict=state)
+                if is_peft(model_template):  # LoRA merged into a plain HF model (prompt tuning: see peft.py)
+                    base_hf_model(model_template, state).save_pretrained(tmp)
+                else:
+                    model_template.save_pretrained(tmp, state_dict=state)
             # save_pretrained records the module's dtype (16-bit under DeepSpeed bf16/fp16); the weights are fp32
             config = json.loads((tmp / "config.json").read_text())
             config.update({k: "float32" for k in ("dtype", "torch_dtype") if k in config})

@@ -80,6 +80,22 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from dtrain.predict import predict
+
+    n = predict(args.model, args.input, args.output, args.text_field, args.text_pair_field, args.question_field,
+                args.context_field, args.batch_size, args.max_seq_len, args.threshold, args.overwrite)
+    print(f"{args.output}: {n} predictions")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dtrain.predict import evaluate
+
+    evaluate(args.model, args.data, args.batch_size, args.threshold, args.output, args.overwrite)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrain", description="A distributed trainer for BERT models.")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
@@ -110,6 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="output dir (refused if it exists and is not empty)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output dir when done")
     exp.set_defaults(func=_export)
+
+    pred = sub.add_parser("predict", help="a fine-tuned model on new text → one JSON line of predictions per row")
+    pred.add_argument("--input", required=True, help=".jsonl/.csv/.tsv rows, or .txt with one text per line")
+    pred.add_argument("--output", required=True, help="predictions .jsonl (the input row plus its prediction)")
+    pred.add_argument("--text-field", default="text", help="field/column with the text (text)")
+    pred.add_argument("--text-pair-field", default=None, help="field with the second text of a pair task")
+    pred.add_argument("--question-field", default="question", help="qa: field with the question (question)")
+    pred.add_argument("--context-field", default="context", help="qa: field with the context (context)")
+    pred.add_argument("--max-seq-len", type=int, default=None, help="truncate inputs to this many tokens")
+    pred.set_defaults(func=_predict)
+    ev = sub.add_parser("evaluate", help="a fine-tuned model on a prepared labelled dataset → metrics report")
+    ev.add_argument("--data", required=True, help="dataset dir made by `dtrain prepare finetune` (with labels)")
+    ev.add_argument("--output", default=None, help="also write the report as JSON here")
+    ev.set_defaults(func=_evaluate)
+    for p in (pred, ev):
+        p.add_argument("--model", required=True, help="run dir of `dtrain finetune` or its export dir")
+        p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (32)")
+        p.add_argument("--threshold", type=float, default=0.5, help="multilabel: probability to predict a label")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
     prep = sub.add_parser("prepare", help="tokenize raw text or labelled files into a sharded dataset")
     prep_sub = prep.add_subparsers(dest="prepare_command", metavar="<pretrain|finetune>", required=True)

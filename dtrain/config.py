@@ -47,6 +47,8 @@ def opt(default: Any, help: str, **checks: Any) -> Any:
 class ModelConfig:
     name_or_path: str = opt("bert-base-uncased", "Preset (tiny, bert-base-uncased, ...) or a local HF checkpoint dir")
     tokenizer: str | None = opt(None, "Tokenizer dir or example name; null: the checkpoint's (uncased presets: minilm)")
+    init_from: str | None = opt(None, "Fine-tuning: start from an earlier fine-tuned run dir or its export "
+                                      "(encoder and head weights)")
     dropout: float | None = opt(None, "Override hidden and attention dropout; null keeps the checkpoint's", ge=0, lt=1)
     attn_implementation: Literal["sdpa", "eager"] = opt("sdpa", "Attention kernel: sdpa (fused) or eager")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory")
@@ -91,8 +93,6 @@ class ScheduleConfig:
                                    "(split a run over time-limited jobs)", ge=1)
     warmup: float = opt(0.06, "Warmup: a fraction of all steps if < 1, else a number of steps", ge=0)
     decay: Literal["linear", "cosine", "constant", "poly"] = opt("linear", "LR decay after warmup")
-    eval_every_steps: int | None = opt(None, "Evaluate every N optimizer steps; null = once per epoch", ge=1)
-    early_stopping_patience: int | None = opt(None, "Stop after N evaluations without improvement", ge=1)
 
 
 @dataclass
@@ -129,20 +129,43 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_steps: int | None = opt(None, "Evaluate on data.eval every N optimizer steps; null = once per epoch", ge=1)
+    metric: str | None = opt(None, "Metric that picks the best checkpoint and drives early stopping; null = the "
+                                   "task's (accuracy, micro_f1, pearson, entity f1, QA f1; pretraining: loss)")
+    mode: Literal["auto", "max", "min"] = opt("auto", "Whether a larger metric is better; auto: min for *loss/mse/"
+                                                      "rmse/mae, else max")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int | None = opt(None, "Stop after N evaluations without improvement; null = never stop early", ge=1)
+    min_delta: float = opt(0.0, "An evaluation improves only if it beats the best by more than this", ge=0)
+
+
+TASK_TYPES = ("classification", "multilabel", "regression", "token_classification", "question_answering")
+
+
+@dataclass
 class TaskConfig:
-    type: Literal["classification", "pair", "multilabel", "regression", "ner", "qa"] | None = opt(
-        None, "Fine-tuning task; null for pretraining"
-    )
-    text_field: str = opt("text", "Input field holding the text")
-    text_pair_field: str | None = opt(None, "Input field holding the second text of a pair")
-    label_field: str = opt("label", "Input field holding the label(s)")
-    metric: str | None = opt(None, "Metric that selects the best checkpoint and drives early stopping")
+    type: Literal["classification", "multilabel", "regression", "token_classification", "question_answering",
+                  "pair", "ner", "qa"] | None = opt(
+        None, "Fine-tuning task; null = as the training set's labels.json says (pair, ner, qa: aliases)")
+    class_weights: list[float] | None = opt(None, "classification: loss weight per class, in labels.json order")
+    label_smoothing: float = opt(0.0, "classification: label smoothing of the cross-entropy", ge=0, lt=1)
+    threshold: float = opt(0.5, "multilabel: probability at or above which a label is predicted", gt=0, lt=1)
+    max_answer_length: int = opt(30, "question_answering: longest answer span in tokens", ge=1)
+    n_best: int = opt(20, "question_answering: start and end candidates per window when decoding spans", ge=1)
+    extend_labels: bool = opt(False, "With model.init_from: allow new labels (old ones keep their head rows)")
 
 
 @dataclass
 class PeftConfig:
-    method: Literal["none", "lora", "bitfit", "prompt"] = opt("none", "Parameter-efficient fine-tuning method")
-    freeze_layers: int = opt(0, "Freeze the embeddings and the lowest N encoder layers", ge=0)
+    method: Literal["none", "lora", "bitfit", "prompt_tuning"] = opt("none", "Parameter-efficient fine-tuning: "
+                                                                            "none (full), lora, bitfit, prompt_tuning")
+    freeze_embeddings: bool = opt(False, "Freeze the embedding layer")
+    freeze_layers: int = opt(0, "Freeze the lowest N encoder layers", ge=0)
+    train_head_only: bool = opt(False, "Freeze the whole encoder; only the task head trains")
     lora_r: int = opt(8, "LoRA rank", ge=1)
     lora_alpha: float = opt(16.0, "LoRA scaling alpha", gt=0)
     lora_dropout: float = opt(0.1, "LoRA dropout", ge=0, lt=1)
@@ -164,6 +187,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
 

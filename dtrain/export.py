@@ -14,7 +14,9 @@ from dtrain.data.tasks import LabelMap
 from dtrain.engine.ddp import STATE_FILE
 from dtrain.engine.deepspeed import TAG
 from dtrain.errors import DtrainError
-from dtrain.model.bert import classification_model, pretraining_model, quiet_transformers
+from dtrain.model.bert import pretraining_model, quiet_transformers
+from dtrain.model.heads import task_model
+from dtrain.model.peft import apply_peft, base_hf_model, is_peft
 from dtrain.runner import tokenizer_for
 
 
@@ -44,15 +46,16 @@ def export(source: str | Path, out: str | Path, overwrite: bool = False) -> Path
         model, _ = pretraining_model(cfg.model.name_or_path)
     else:
         labels = LabelMap.load(Path(cfg.data.train))
-        model, _ = classification_model(cfg.model.name_or_path, len(labels.labels))
-        model.config.id2label = dict(enumerate(labels.labels))
-        model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+        model = apply_peft(task_model(cfg.task.type, cfg.model.name_or_path, labels.labels)[0], cfg.peft,
+                           cfg.task.type)
     state = checkpoint_weights(ckpt)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise DtrainError(f"{ckpt}: the weights do not fit {cfg.model.name_or_path} "
                           f"({str(e).splitlines()[0][:200]})") from None
+    if is_peft(model):
+        model = base_hf_model(model)
     with atomic_output_dir(out, overwrite) as tmp, quiet_transformers():
         model.save_pretrained(tmp)
         tokenizer_for(cfg).save_pretrained(tmp)

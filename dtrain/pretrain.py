@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         masked = min(d.max_predictions_per_seq, d.mlm_probability * d.max_seq_len) / d.max_seq_len
         flops = training_flops_per_token(model.config, d.max_seq_len, masked)
         trainer = runner.run(cfg, env, model, objective, runner.stream(cfg, train, collator(train), env, train=True),
-                             evaluate, tokenizer, flops, metric=cfg.task.metric or "mlm_loss")
+                             evaluate, tokenizer, flops, metric="mlm_loss")
         history = [h for h in trainer.state.history if "mlm_loss" in h]
         if env.is_main and len(history) >= 2:
             first, last = history[0], history[-1]

@@ -40,7 +40,7 @@ def parse(argv: Sequence[str] | None, prog: str) -> Config:
         if cfg.model.name_or_path in PRESETS:
             cfg.model.name_or_path = "tiny"
         cfg.schedule.max_steps = min(cfg.schedule.max_steps or DEBUG_STEPS, DEBUG_STEPS)
-        cfg.schedule.eval_every_steps = cfg.checkpoint.every_steps = max(1, cfg.schedule.max_steps // 2)
+        cfg.eval.every_steps = cfg.checkpoint.every_steps = max(1, cfg.schedule.max_steps // 2)
         cfg.data.num_workers = 0
     return cfg
 
@@ -85,28 +85,34 @@ def stream(cfg: Config, data: ShardedDataset, collate: Callable, env: DistEnv, t
     return StreamLoader(dataset, collate, num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda")
 
 
-def total_steps(cfg: Config, loader: StreamLoader) -> int:
-    if cfg.schedule.max_steps:
-        return cfg.schedule.max_steps
+def steps_per_epoch(cfg: Config, loader: StreamLoader) -> int:
     per_epoch = len(loader) // cfg.schedule.grad_accum_steps
     if per_epoch < 1:
         raise DtrainError(f"one epoch holds fewer than schedule.grad_accum_steps={cfg.schedule.grad_accum_steps} "
                           f"micro-batches; lower data.micro_batch_size or grad_accum_steps, or set max_steps")
-    return math.ceil(cfg.schedule.epochs * per_epoch)
+    return per_epoch
+
+
+def total_steps(cfg: Config, loader: StreamLoader) -> int:
+    if cfg.schedule.max_steps:
+        return cfg.schedule.max_steps
+    return math.ceil(cfg.schedule.epochs * steps_per_epoch(cfg, loader))
 
 
 def run(cfg: Config, env: DistEnv, model: torch.nn.Module, objective: Objective, loader: StreamLoader,
-        evaluate: Callable | None, tokenizer: Any, flops_per_token: float, metric: str | None) -> Trainer:
+        evaluate: Callable | None, tokenizer: Any, flops_per_token: float, metric: str | None,
+        keep_best: bool = False) -> Trainer:
     """Build the engine and the loop's helpers, resume if asked, train, export."""
     steps = total_steps(cfg, loader)
+    eval_every = cfg.eval.every_steps or (steps_per_epoch(cfg, loader) if evaluate else None)
     engine = build_engine(cfg, model, env, steps)
     logger = RunLogger(cfg.run_dir, env.is_main, steps, cfg.logging.every_steps, cfg.logging.tensorboard,
                        cfg.logging.progress_bar, flops_per_token, peak_flops(env.device), env.world_size)
     trainer = Trainer(env, engine, loader, objective, steps, cfg.schedule.grad_accum_steps,
                       Checkpointer(cfg.run_dir, env, cfg.checkpoint.keep_last), logger, cfg.to_yaml(),
-                      evaluate=evaluate, eval_every=cfg.schedule.eval_every_steps,
-                      checkpoint_every=cfg.checkpoint.every_steps, metric=metric,
-                      patience=cfg.schedule.early_stopping_patience,
+                      evaluate=evaluate, eval_every=eval_every, checkpoint_every=cfg.checkpoint.every_steps,
+                      metric=cfg.eval.metric or metric, mode=cfg.eval.mode, patience=cfg.early_stopping.patience,
+                      min_delta=cfg.early_stopping.min_delta, keep_best=keep_best,
                       export_dir=Path(cfg.run_dir) / "export" if cfg.checkpoint.export else None, tokenizer=tokenizer,
                       stop_at_step=cfg.schedule.stop_at_step)
     logger.text("config", "```\n" + cfg.to_yaml() + "\n```")

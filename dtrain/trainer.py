@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import signal
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,9 @@ class TrainerState:
     samples: int = 0
     tokens: int = 0
     best: float | None = None
+    best_step: int | None = None
     bad_evals: int = 0
+    train_seconds: float = 0.0  # time in train_step (evaluations and checkpoints excluded), over all attempts
     history: list[dict[str, float]] = field(default_factory=list)  # eval results, for the run report
 
 
@@ -45,14 +48,17 @@ class Trainer:
                  grad_accum: int, checkpointer: Checkpointer, logger: RunLogger, config_yaml: str,
                  evaluate: Callable[[Engine], dict[str, float]] | None = None, eval_every: int | None = None,
                  checkpoint_every: int | None = None, metric: str | None = None, patience: int | None = None,
-                 export_dir: Path | None = None, tokenizer: Any = None, stop_at_step: int | None = None):
+                 export_dir: Path | None = None, tokenizer: Any = None, stop_at_step: int | None = None,
+                 mode: str = "auto", min_delta: float = 0.0, keep_best: bool = False):
         self.env, self.engine, self.loader, self.objective = env, engine, loader, objective
         self.total_steps, self.grad_accum = total_steps, grad_accum
         self.checkpointer, self.logger, self.config_yaml = checkpointer, logger, config_yaml
         self.evaluate, self.eval_every, self.checkpoint_every = evaluate, eval_every, checkpoint_every
-        self.metric, self.patience = metric, patience
+        self.metric, self.patience, self.min_delta, self.keep_best = metric, patience, min_delta, keep_best
+        self.maximize = mode == "max" or (mode == "auto" and not (metric or "loss").endswith(("loss", "mse", "mae")))
         self.export_dir, self.tokenizer, self.stop_at_step = export_dir, tokenizer, stop_at_step
         self.state = TrainerState()
+        self.model_step = 0  # after fit: the step whose weights the engine holds (the best one with keep_best)
         self._preempted = False
 
     # -- state ------------------------------------------------------------------------------------------------------
@@ -131,7 +137,9 @@ class Trainer:
                 self._eval_and_maybe_stop()  # the baseline the run is measured against
             batches = self._micro_batches()
             while self.state.step < self.total_steps:
+                started = time.perf_counter()
                 self.train_step([next(batches) for _ in range(self.grad_accum)])
+                self.state.train_seconds += time.perf_counter() - started
                 step = self.state.step
                 stop = False
                 if self.evaluate and self.eval_every and step % self.eval_every == 0 and step < self.total_steps:
@@ -145,9 +153,18 @@ class Trainer:
                     break
                 if self.checkpoint_every and step % self.checkpoint_every == 0 and step < self.total_steps:
                     self.save()
-            if self.evaluate:
+            if self.evaluate and self.state.history[-1]["step"] != self.state.step:
                 self._eval_and_maybe_stop()
-            final = self.save()
+            final = self.checkpointer.latest() if self._saved_at(self.state.step) else self.save()
+            self.logger.info(f"trained {self.state.samples} samples in {self.state.train_seconds:.2f} s "
+                             f"({self.state.samples / max(self.state.train_seconds, 1e-9):.2f} samples/s)")
+            best = self.checkpointer.best() if self.keep_best else None
+            self.model_step = self.state.step
+            if best is not None and best != final:  # the model to test and deploy is the best one
+                self.engine.load(best)
+                self.model_step = self.state.best_step or self.state.step
+                self.logger.info(f"loaded the best checkpoint {best.name} ({self.metric}={self.state.best:.6g})")
+                final = best
             if self.export_dir is not None:
                 export_hf(self.engine, self.engine.model, self.tokenizer, self.export_dir, self.env, final)
                 self.logger.info(f"exported the model to {self.export_dir}")
@@ -158,8 +175,12 @@ class Trainer:
 
     # -- pieces -----------------------------------------------------------------------------------------------------
 
-    def save(self) -> Path:
-        return self.checkpointer.save(self.state.step, self.engine, self.state_dict(), self.config_yaml)
+    def save(self, best: bool = False) -> Path:
+        return self.checkpointer.save(self.state.step, self.engine, self.state_dict(), self.config_yaml, best=best)
+
+    def _saved_at(self, step: int) -> bool:
+        latest = self.checkpointer.latest()
+        return latest is not None and latest.name == self.checkpointer.name(step)
 
     def _eval_and_maybe_stop(self) -> bool:
         """Evaluate (metrics are reduced over ranks by `evaluate`, so every rank decides the same)."""
@@ -167,13 +188,18 @@ class Trainer:
             metrics = self.evaluate(self.engine)
         self.logger.eval(self.state.step, metrics)
         self.state.history.append({"step": self.state.step, **metrics})
-        if not self.metric or self.metric not in metrics:
+        if not self.metric:
             return False
+        if self.metric not in metrics:
+            raise DtrainError(f"eval.metric={self.metric}: the evaluation reports {', '.join(sorted(metrics))}; set "
+                              f"eval.metric to one of them")
         value = metrics[self.metric]
-        better = (self.state.best is None or
-                  (value < self.state.best if self.metric.endswith("loss") else value > self.state.best))
-        if better:
-            self.state.best, self.state.bad_evals = value, 0
+        gain = (value - self.state.best if self.maximize else self.state.best - value) if self.state.best is not None \
+            else math.inf
+        if gain > self.min_delta:
+            self.state.best, self.state.best_step, self.state.bad_evals = value, self.state.step, 0
+            if self.keep_best and self.state.step > 0:
+                self.save(best=True)  # kept apart from the rolling checkpoints
             return False
         self.state.bad_evals += 1
         if self.patience and self.state.bad_evals >= self.patience:

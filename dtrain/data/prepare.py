@@ -301,8 +301,9 @@ def iter_table_rows(path: Path, fields: list[str]) -> Iterator[tuple[int, dict]]
         header = reader.fieldnames or []
         missing = [f for f in fields if f not in header]
         if missing:
+            flag = {0: "text", len(fields) - 1: "label"}.get(fields.index(missing[0]), "text-pair")
             raise ShardError(f"{path}: no column {missing[0]!r} in the header (columns: {', '.join(header)}); "
-                             f"rename the column or pass --{'label' if missing[0] == fields[-1] else 'text'}-field")
+                             f"rename the column or pass --{flag}-field")
         rows = ((reader.line_num, row) for row in reader)
     else:
         raise ShardError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv, .jsonl, .conll (or .json "
@@ -313,6 +314,9 @@ def iter_table_rows(path: Path, fields: list[str]) -> Iterator[tuple[int, dict]]
                 raise ShardError(f"{path} line {lineno}: no value for {f!r}; every row needs "
                                  f"{' and '.join(repr(x) for x in fields)} (or drop the row)")
         yield lineno, row
+
+
+BIO_TAG = re.compile(r"^(O|[BI]-\S+)$")
 
 
 def iter_conll(path: Path) -> Iterator[tuple[int, list[str], list[str]]]:
@@ -329,8 +333,12 @@ def iter_conll(path: Path) -> Iterator[tuple[int, list[str], list[str]]]:
         parts = line.split("\t") if "\t" in line else line.split()
         if len(parts) < 2:
             raise ShardError(f"{path} line {lineno}: expected 'token<TAB>tag', got {line!r}")
+        tag = parts[-1].strip()
+        if not BIO_TAG.match(tag):
+            raise ShardError(f"{path} line {lineno}: tag {tag!r} is not BIO/IOB2 (O, B-TYPE or I-TYPE); convert the "
+                             f"tags (e.g. BIOES E-/S- to I-/B-, bare types to B-/I-)")
         tokens.append(parts[0])
-        tags.append(parts[-1].strip())
+        tags.append(tag)
     return
 
 

@@ -76,6 +76,15 @@ class LabelMap:
             raise ShardError(f"{where}: label {str(label)!r} is not in {src} (known: {known}); fix the label or "
                              f"prepare the training set so that it includes it") from None
 
+    def check_same(self, train: LabelMap, key: str) -> None:
+        """A dev/test set must use the training set's label map (prepared with --labels TRAIN_DIR)."""
+        if (self.task, self.labels) != (train.task, train.labels):
+            extra = sorted(set(self.labels) - set(train.labels))
+            detail = f"labels unknown to the model: {extra[:10]}" if extra else \
+                f"task {self.task!r} with labels {self.labels[:10]} vs {train.task!r} with {train.labels[:10]}"
+            raise ShardError(f"{key} ({self.source}) does not match the training set's label map ({detail}); prepare "
+                             f"it with `dtrain prepare finetune ... --labels <train dir>`")
+
     def save(self, out: Path, counts: Counter | None = None, extra: dict | None = None) -> None:
         data = {"task": self.task, "labels": self.labels,
                 "counts": {str(k): v for k, v in sorted((counts or {}).items())}, **(extra or {})}

@@ -112,27 +112,6 @@ def pretraining_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     return {"mlm": mlm, "nsp": nsp}
 
 
-def classification_counts(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"cls": (batch["labels"] != IGNORE).sum()}
-
-
-def classification_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Summed cross-entropy of a sequence-classification batch (padding repeats carry label -100)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   token_type_ids=batch["token_type_ids"]).logits.float()
-    return {"cls": F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE, reduction="sum")}
-
-
-def classification_model(name_or_path: str, num_labels: int, dropout: float | None = None,
-                         attn_implementation: str = "sdpa", problem_type: str | None = None,
-                         ) -> tuple[torch.nn.Module, list[str]]:
-    from transformers import BertForSequenceClassification
-
-    extra = {"problem_type": problem_type} if problem_type else {}
-    return load_model(BertForSequenceClassification, name_or_path, dropout, attn_implementation,
-                      num_labels=num_labels, **extra)
-
-
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -130,9 +130,9 @@ def test_finetune_on_two_ranks_with_zero2_bf16(tokenizer_dir, tmp_path):
     data = write_sentiment(tmp_path, tokenizer_dir)
     result = run("dtrain.finetune", "--config", "configs/finetune/debug.yaml", f"data.train={data['train']}",
                  f"data.eval={data['dev']}", f"data.test={data['test']}", f"model.tokenizer={tokenizer_dir}",
-                 f"run_dir={tmp_path / 'run'}", "schedule.max_steps=40", "schedule.eval_every_steps=20",
+                 f"run_dir={tmp_path / 'run'}", "schedule.max_steps=40", "eval.every_steps=20",
                  "optim.lr=2e-3", "data.micro_batch_size=8", "logging.progress_bar=false", "data.max_seq_len=32",
                  "parallel.engine=deepspeed", "parallel.zero_stage=2", "precision.dtype=bf16", nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "run" / "test_report.json").read_text())
+    report = json.loads((tmp_path / "run" / "report.json").read_text())["test"]
     assert report["accuracy"] > 0.8

@@ -187,10 +187,10 @@ def test_finetune_classification_reports_and_exports_a_pipeline_model(tokenizer_
     write_sentiment(tmp_path, tokenizer_dir)
     result = run("dtrain.finetune", "--config", "configs/finetune/debug.yaml", f"data.train={tmp_path / 'train'}",
                  f"data.eval={tmp_path / 'dev'}", f"data.test={tmp_path / 'test'}", f"model.tokenizer={tokenizer_dir}",
-                 f"run_dir={tmp_path / 'run'}", "schedule.max_steps=60", "schedule.eval_every_steps=30",
+                 f"run_dir={tmp_path / 'run'}", "schedule.max_steps=60", "eval.every_steps=30",
                  "optim.lr=2e-3", "data.micro_batch_size=16", "logging.progress_bar=false", "data.max_seq_len=32")
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "run" / "test_report.json").read_text())
+    report = json.loads((tmp_path / "run" / "report.json").read_text())["test"]
     assert report["accuracy"] > 0.9 and set(report) >= {"loss", "accuracy", "macro_f1"}
     from transformers import pipeline
 
