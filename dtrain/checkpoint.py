@@ -167,9 +167,10 @@ def export_hf(engine: Engine, model_template: torch.nn.Module, tokenizer: Any, o
                 else:
                     model_template.save_pretrained(tmp, state_dict=state)
             # save_pretrained records the module's dtype (16-bit under DeepSpeed bf16/fp16); the weights are fp32
-            config = json.loads((tmp / "config.json").read_text())
-            config.update({k: "float32" for k in ("dtype", "torch_dtype") if k in config})
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            if (tmp / "config.json").is_file():  # (a prompt-tuning export is a peft adapter dir without one)
+                config = json.loads((tmp / "config.json").read_text())
+                config.update({k: "float32" for k in ("dtype", "torch_dtype") if k in config})
+                (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
     barrier()

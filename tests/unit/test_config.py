@@ -138,3 +138,10 @@ def test_readme_documents_every_key_as_the_schema_says():
 
 def test_to_yaml_is_plain_yaml():
     assert yaml.safe_load(Config().to_yaml()) == Config().to_dict()
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")))
+def test_every_shipped_config_resolves(path):
+    cfg = load_config(REPO / path)
+    if path.startswith("configs/finetune/"):
+        assert cfg.data.train, "a fine-tuning config names its training set"
