@@ -40,7 +40,9 @@ BATCH, LR, MAX_LEN, WARMUP, WEIGHT_DECAY = 32, 5e-5, 128, 0.1, 0.01
 # Every dtrain override in one place; key names as `dtrain config keys` lists them (they may be renamed, e.g.
 # early_stopping.patience, eval.every_steps: change them here).
 DTRAIN_OVERRIDES = [
-    "data.train={data}/train", "data.eval={data}/dev", "data.test={data}/test", "run_dir={run_dir}",
+    # no dev evaluation: both sides test their final model (HF: eval_strategy no); full fine-tuning as HF does
+    "data.train={data}/train", "data.eval=null", "data.test={data}/test", "run_dir={run_dir}",
+    "peft.freeze_embeddings=false",
     "schedule.epochs={epochs}", "data.micro_batch_size={micro_batch}", f"data.max_seq_len={MAX_LEN}",
     f"optim.lr={LR}", f"optim.weight_decay={WEIGHT_DECAY}", f"schedule.warmup={WARMUP}", "schedule.decay=linear",
     "early_stopping.patience=null", "checkpoint.export=false", "logging.progress_bar=false", "seed={seed}",

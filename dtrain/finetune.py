@@ -43,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"dtrain: model {cfg.model.init_from or cfg.model.name_or_path} for {task}: {fresh_summary(fresh)}; "
                   f"{trainable_summary(model)}", file=sys.stderr)
         head = Head(task, cfg.task.class_weights, cfg.task.label_smoothing, len(labels.labels))
-        collate = FinetuneCollator(task, tokenizer.pad_token_id, len(labels.labels))
+        # widths that are multiples of 8 suit GPU tensor cores; on a CPU they only add work (27 → 32 tokens: +25%)
+        collate = FinetuneCollator(task, tokenizer.pad_token_id, len(labels.labels),
+                                   pad_to_multiple_of=8 if env.device.type == "cuda" else 1)
         evaluators = {}
         for split, path in (("eval", cfg.data.eval), ("test", cfg.data.test)):
             if path:
@@ -60,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer = runner.run(cfg, env, model, Objective(head.losses, head.counts),
                              runner.stream(cfg, train, collate, env, train=True), evaluate, tokenizer, flops,
                              metric=DEFAULT_METRIC[task], keep_best=True)
+        if trainer.interrupted:  # saved for a later resume: no test report and no export yet
+            trainer.logger.close()
+            return 0
         report = {"task": task, "steps": trainer.state.step, "model_step": trainer.model_step,
                   "metric": trainer.metric, "best": trainer.state.best, "eval_history": trainer.state.history}
         if "test" in evaluators:

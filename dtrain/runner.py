@@ -80,7 +80,7 @@ def open_data(cfg: Config, path: str | None, key: str, tokenizer: Any) -> Sharde
 def stream(cfg: Config, data: ShardedDataset, collate: Callable, env: DistEnv, train: bool) -> StreamLoader:
     dataset = StreamingDataset(data, cfg.data.micro_batch_size, seed=cfg.seed, shuffle=train and cfg.data.shuffle,
                                drop_last=train and cfg.data.drop_last, shuffle_block=cfg.data.shuffle_block,
-                               bucket_window=cfg.data.bucket_window if train else 0, rank=env.rank,
+                               bucket_window=cfg.data.bucket_window, rank=env.rank,
                                world_size=env.world_size)
     return StreamLoader(dataset, collate, num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda")
 

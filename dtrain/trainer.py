@@ -59,6 +59,7 @@ class Trainer:
         self.export_dir, self.tokenizer, self.stop_at_step = export_dir, tokenizer, stop_at_step
         self.state = TrainerState()
         self.model_step = 0  # after fit: the step whose weights the engine holds (the best one with keep_best)
+        self.interrupted = False  # fit saved and stopped before the end (preemption, stop_at_step): resume later
         self._preempted = False
 
     # -- state ------------------------------------------------------------------------------------------------------
@@ -148,21 +149,23 @@ class Trainer:
                     self.logger.info(f"{'preemption signal' if self._preempted else 'schedule.stop_at_step'}: "
                                      f"saving at step {step} and stopping")
                     self.save()
+                    self.interrupted = True
                     return self.state
                 if stop:
                     break
                 if self.checkpoint_every and step % self.checkpoint_every == 0 and step < self.total_steps:
                     self.save()
-            if self.evaluate and self.state.history[-1]["step"] != self.state.step:
+            if self.evaluate and (not self.state.history or self.state.history[-1]["step"] != self.state.step):
                 self._eval_and_maybe_stop()
             final = self.checkpointer.latest() if self._saved_at(self.state.step) else self.save()
             self.logger.info(f"trained {self.state.samples} samples in {self.state.train_seconds:.2f} s "
                              f"({self.state.samples / max(self.state.train_seconds, 1e-9):.2f} samples/s)")
-            best = self.checkpointer.best() if self.keep_best else None
+            best = self.checkpointer.best() if self.keep_best and self.state.best_step else None
             self.model_step = self.state.step
-            if best is not None and best != final:  # the model to test and deploy is the best one
+            if best is not None and best.name == self.checkpointer.name(self.state.best_step) and best != final:
+                # the model to test and deploy is the best one (a `best` left by an earlier run does not count)
                 self.engine.load(best)
-                self.model_step = self.state.best_step or self.state.step
+                self.model_step = self.state.best_step
                 self.logger.info(f"loaded the best checkpoint {best.name} ({self.metric}={self.state.best:.6g})")
                 final = best
             if self.export_dir is not None:

@@ -124,3 +124,15 @@ def test_bad_input_gets_one_line_errors(sentiment, tokenizer_dir, tmp_path):
                   str(tokenizer_dir))
     assert out.returncode == 2 and "line 2: tag 'E-ORG' is not BIO" in out.stderr
     assert not (tmp_path / "p").exists() and not (tmp_path / "n").exists()
+
+
+def test_a_run_stopped_for_resume_writes_no_report_until_it_finishes(sentiment, tokenizer_dir, tmp_path):
+    args = ("optim.lr=2e-3", "schedule.max_steps=20", "eval.every_steps=10")
+    first = finetune(tmp_path, tokenizer_dir, sentiment, tmp_path / "run", *args, "schedule.stop_at_step=10")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "saving at step 10 and stopping" in first.stdout
+    assert not (tmp_path / "run" / "report.json").exists() and not (tmp_path / "run" / "export").exists()
+    second = finetune(tmp_path, tokenizer_dir, sentiment, tmp_path / "run", *args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["steps"] == 20 and [h["step"] for h in report["eval_history"]] == [0, 10, 20]
