@@ -10,7 +10,8 @@ from tests.integration.task_data import write_task
 from tests.integration.test_training import run
 
 COMMON = ("logging.progress_bar=false", "data.max_seq_len=32", "data.micro_batch_size=16", "optim.lr=3e-3",
-          "schedule.warmup=0.05", "eval.every_steps=20", "data.num_workers=0", "eval.metric=null")
+          "schedule.warmup=0.05", "eval.every_steps=20", "data.num_workers=0", "eval.metric=null",
+          "early_stopping.patience=null", "data.bucket_window=0")
 
 
 def finetune(tmp_path, tokenizer_dir, data, *extra, steps=80):
