@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.dtrain-installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo bench clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 lint: install
-	$(VENV)/bin/ruff check dtrain tests
+	$(VENV)/bin/ruff check dtrain launch tests
 
 test: lint
 	$(VENV)/bin/python -m pytest
@@ -48,6 +48,16 @@ demo: install
 	$(VENV)/bin/dtrain predict --model runs/demo/sentiment --input examples/new_reviews.txt \
 		--output runs/demo/sentiment/new_reviews.predictions.jsonl --overwrite
 	cat runs/demo/sentiment/new_reviews.predictions.jsonl
+
+# Benchmarks beside their peers (not part of `make test`; ~30 min on 2 CPU cores): each rewrites its section of
+# BENCHMARKS.md. bench/gpu.sh writes "not measured" where there is no CUDA GPU.
+bench: install
+	$(VENV)/bin/dtrain fetch-examples --only minilm bbc_corpus sentiment_en
+	$(VENV)/bin/python bench/data.py
+	$(VENV)/bin/python bench/pretrain.py
+	$(VENV)/bin/python bench/finetune.py --max-samples 1000 --reps 3
+	$(VENV)/bin/python bench/memory.py
+	DTRAIN_PYTHON=$(VENV)/bin/python bench/gpu.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

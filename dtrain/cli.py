@@ -12,7 +12,16 @@ from dtrain.errors import DtrainError
 def _config_show(args: argparse.Namespace) -> int:
     from dtrain.config import load_config
 
-    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    cfg = load_config(args.config, args.overrides)
+    if args.get is None:
+        print(cfg.to_yaml(), end="")
+        return 0
+    value = cfg
+    for part in args.get.split("."):
+        if not hasattr(value, "__dataclass_fields__") or part not in value.__dataclass_fields__:
+            raise DtrainError(f"--get {args.get}: no such config key; `dtrain config keys` lists them")
+        value = getattr(value, part)
+    print("" if value is None else value)
     return 0
 
 
@@ -105,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_sub.add_parser("show", help="print the config resolved from --config and key=value overrides")
     show.add_argument("--config", help="YAML config file (may name a base: file it extends)")
     show.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-5")
+    show.add_argument("--get", metavar="KEY", help="print only this key's value (e.g. run_dir)")
     show.set_defaults(func=_config_show)
     keys = config_sub.add_parser("keys", help="list every config key with its type, default and meaning")
     keys.add_argument("--markdown", action="store_true", help="print a Markdown table (as in README.md)")

@@ -126,6 +126,8 @@ class LoggingConfig:
     every_steps: int = opt(10, "Log loss, LR, throughput and MFU every N optimizer steps", ge=1)
     tensorboard: bool = opt(True, "Write TensorBoard event files to <run_dir>/tb")
     progress_bar: bool = opt(True, "Show a progress bar on rank 0")
+    ledger: bool = opt(False, "Debug: every rank appends the sample ids of each optimizer step to "
+                              "<run_dir>/ledger/rank-R.jsonl (proves exactly-once data across restarts)")
 
 
 @dataclass

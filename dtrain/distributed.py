@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 
 import torch
 import torch.distributed as dist
@@ -95,6 +98,34 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on any rank (agreed stop/skip decisions)."""
     return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0], device=device)).item() > 0)
+
+
+# SIGTERM: the scheduler ends the job (scancel, time limit, preemption); SIGUSR1/SIGUSR2: its warning before that
+# (sbatch --signal=B:USR2@120 in slurm/, submitit's USR2). torchrun forwards them to the workers (slurm/ asks it to).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+_caught: list[int] = []
+
+
+def _remember(signum: int, frame: FrameType | None) -> None:
+    _caught.append(signum)
+
+
+def catch_stop_signals() -> Callable[[], None]:
+    """From now on a stop signal is remembered instead of killing the process; the training loop asks
+    `stop_requested` at each step boundary, saves and exits. Returns the function that restores the old handlers."""
+    _caught.clear()
+    previous = {s: signal.signal(s, _remember) for s in STOP_SIGNALS}
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    return restore
+
+
+def stop_requested() -> str | None:
+    """The name of the first stop signal this process caught (SIGUSR2, ...), or None."""
+    return signal.Signals(_caught[0]).name if _caught else None
 
 
 def barrier() -> None:

@@ -76,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(format_report(report["test"], f"test set {cfg.data.test}, model of step {trainer.model_step}"))
         if env.is_main:
             (Path(cfg.run_dir) / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+        runner.write_status(cfg, env, "finished", trainer, model_step=trainer.model_step,
+                            test=scalar_metrics(report["test"]) if "test" in report else None)
         trainer.logger.close()
         return 0
 

@@ -47,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             first, last = history[0], history[-1]
             print(f"dtrain: held-out MLM loss {first['mlm_loss']:.4f} (step {first['step']}) → {last['mlm_loss']:.4f} "
                   f"(step {last['step']}); NSP loss {first['nsp_loss']:.4f} → {last['nsp_loss']:.4f}")
+        if not trainer.interrupted:
+            runner.write_status(cfg, env, "finished", trainer)
         trainer.logger.close()
         return 0
 

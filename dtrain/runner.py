@@ -4,7 +4,9 @@ engine, checkpointer and logger, resume, fit, teardown. Imported by entry points
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import random
 import sys
 from collections.abc import Callable, Sequence
@@ -19,7 +21,7 @@ from dtrain.config import Config, load_config, save_run_config
 from dtrain.data.examples import example_or_path
 from dtrain.data.shards import ShardedDataset, tokenizer_fingerprint
 from dtrain.data.stream import StreamingDataset, StreamLoader
-from dtrain.distributed import DistEnv, init_distributed
+from dtrain.distributed import DistEnv, catch_stop_signals, init_distributed
 from dtrain.engine import build_engine
 from dtrain.errors import DtrainError
 from dtrain.logging import RunLogger, peak_flops
@@ -53,6 +55,9 @@ def setup(cfg: Config) -> DistEnv:
     torch.manual_seed(cfg.seed)  # the same on every rank: replicas start identical
     if env.is_main:
         save_run_config(cfg)
+        if "SLURM_JOB_ID" in os.environ:  # a requeued job runs again under the same id with the count raised
+            print(f"dtrain: Slurm job {os.environ['SLURM_JOB_ID']}, SLURM_RESTART_COUNT="
+                  f"{os.environ.get('SLURM_RESTART_COUNT', 0)}", file=sys.stderr)
     return env
 
 
@@ -106,6 +111,9 @@ def run(cfg: Config, env: DistEnv, model: torch.nn.Module, objective: Objective,
     steps = total_steps(cfg, loader)
     eval_every = cfg.eval.every_steps or (steps_per_epoch(cfg, loader) if evaluate else None)
     engine = build_engine(cfg, model, env, steps)
+    ledger = Path(cfg.run_dir) / "ledger" / f"rank-{env.rank}.jsonl" if cfg.logging.ledger else None
+    if ledger is not None:
+        ledger.parent.mkdir(parents=True, exist_ok=True)
     logger = RunLogger(cfg.run_dir, env.is_main, steps, cfg.logging.every_steps, cfg.logging.tensorboard,
                        cfg.logging.progress_bar, flops_per_token, peak_flops(env.device), env.world_size)
     trainer = Trainer(env, engine, loader, objective, steps, cfg.schedule.grad_accum_steps,
@@ -114,17 +122,34 @@ def run(cfg: Config, env: DistEnv, model: torch.nn.Module, objective: Objective,
                       metric=cfg.eval.metric or metric, mode=cfg.eval.mode, patience=cfg.early_stopping.patience,
                       min_delta=cfg.early_stopping.min_delta, keep_best=keep_best,
                       export_dir=Path(cfg.run_dir) / "export" if cfg.checkpoint.export else None, tokenizer=tokenizer,
-                      stop_at_step=cfg.schedule.stop_at_step)
+                      stop_at_step=cfg.schedule.stop_at_step, ledger=ledger)
     logger.text("config", "```\n" + cfg.to_yaml() + "\n```")
     trainer.resume(cfg.checkpoint.resume)
+    write_status(cfg, env, "running", trainer)
     trainer.fit()
+    if trainer.interrupted:
+        write_status(cfg, env, trainer.interrupted, trainer)
     return trainer
+
+
+def write_status(cfg: Config, env: DistEnv, state: str, trainer: Trainer, **extra: Any) -> None:
+    """<run_dir>/status.json: running, preempted (a stop signal: resume), stopped (schedule.stop_at_step) or
+    finished. slurm/ and launch/ read it to decide whether a job requeues itself."""
+    if not env.is_main:
+        return
+    status = {"state": state, "step": trainer.state.step, "total_steps": trainer.total_steps,
+              "eval": trainer.state.history[-1] if trainer.state.history else None, **extra}
+    path = Path(cfg.run_dir) / "status.json"
+    tmp = path.with_name(f".status.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(status, default=float) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def main_guard(main: Callable[[], int]) -> int:
     """Entry points: one-line errors (rank-tagged under torchrun), exit status 2, teardown always."""
     from dtrain.distributed import teardown
 
+    restore_signals = catch_stop_signals()  # a stop signal from now on means: save at the next step, then exit
     try:
         return main()
     except DtrainError as e:
@@ -132,3 +157,4 @@ def main_guard(main: Callable[[], int]) -> int:
         return 2
     finally:
         teardown()
+        restore_signals()

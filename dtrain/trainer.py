@@ -3,8 +3,8 @@ early stopping) comes from a collective, so ranks never diverge."""
 
 from __future__ import annotations
 
+import json
 import math
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from dtrain.checkpoint import Checkpointer, export_hf
-from dtrain.distributed import DistEnv, all_reduce_sum, any_rank
+from dtrain.distributed import DistEnv, all_reduce_sum, any_rank, stop_requested
 from dtrain.engine.base import Engine, NonFiniteError
 from dtrain.errors import DtrainError
 from dtrain.logging import RunLogger
@@ -49,7 +49,7 @@ class Trainer:
                  evaluate: Callable[[Engine], dict[str, float]] | None = None, eval_every: int | None = None,
                  checkpoint_every: int | None = None, metric: str | None = None, patience: int | None = None,
                  export_dir: Path | None = None, tokenizer: Any = None, stop_at_step: int | None = None,
-                 mode: str = "auto", min_delta: float = 0.0, keep_best: bool = False):
+                 mode: str = "auto", min_delta: float = 0.0, keep_best: bool = False, ledger: Path | None = None):
         self.env, self.engine, self.loader, self.objective = env, engine, loader, objective
         self.total_steps, self.grad_accum = total_steps, grad_accum
         self.checkpointer, self.logger, self.config_yaml = checkpointer, logger, config_yaml
@@ -59,8 +59,9 @@ class Trainer:
         self.export_dir, self.tokenizer, self.stop_at_step = export_dir, tokenizer, stop_at_step
         self.state = TrainerState()
         self.model_step = 0  # after fit: the step whose weights the engine holds (the best one with keep_best)
-        self.interrupted = False  # fit saved and stopped before the end (preemption, stop_at_step): resume later
-        self._preempted = False
+        self.interrupted: str | None = None  # why fit saved and stopped before the end (resume later): a stop
+        # signal ("preempted") or schedule.stop_at_step ("stopped")
+        self.ledger = ledger  # debug: <ledger> gets one JSON line per step with the sample ids this rank trained on
 
     # -- state ------------------------------------------------------------------------------------------------------
 
@@ -129,52 +130,52 @@ class Trainer:
         if info.loss_scale is not None:
             scalars["loss_scale"] = info.loss_scale
         self.logger.step(self.state.step, scalars, samples, tokens)
+        if self.ledger is not None:
+            ids = [int(i) for b in micro for i in b["index"][~b["pad"]]]
+            with open(self.ledger, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.state.step, "ids": ids}) + "\n")
         return scalars
 
     def fit(self) -> TrainerState:
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        try:
-            if self.evaluate and self.state.step == 0:
-                self._eval_and_maybe_stop()  # the baseline the run is measured against
-            batches = self._micro_batches()
-            while self.state.step < self.total_steps:
-                started = time.perf_counter()
-                self.train_step([next(batches) for _ in range(self.grad_accum)])
-                self.state.train_seconds += time.perf_counter() - started
-                step = self.state.step
-                stop = False
-                if self.evaluate and self.eval_every and step % self.eval_every == 0 and step < self.total_steps:
-                    stop = self._eval_and_maybe_stop()
-                if any_rank(self._preempted, self.engine.device) or step == self.stop_at_step:
-                    self.logger.info(f"{'preemption signal' if self._preempted else 'schedule.stop_at_step'}: "
-                                     f"saving at step {step} and stopping")
-                    self.save()
-                    self.interrupted = True
-                    return self.state
-                if stop:
-                    break
-                if self.checkpoint_every and step % self.checkpoint_every == 0 and step < self.total_steps:
-                    self.save()
-            if self.evaluate and (not self.state.history or self.state.history[-1]["step"] != self.state.step):
-                self._eval_and_maybe_stop()
-            final = self.checkpointer.latest() if self._saved_at(self.state.step) else self.save()
-            self.logger.info(f"trained {self.state.samples} samples in {self.state.train_seconds:.2f} s "
-                             f"({self.state.samples / max(self.state.train_seconds, 1e-9):.2f} samples/s)")
-            best = self.checkpointer.best() if self.keep_best and self.state.best_step else None
-            self.model_step = self.state.step
-            if best is not None and best.name == self.checkpointer.name(self.state.best_step) and best != final:
-                # the model to test and deploy is the best one (a `best` left by an earlier run does not count)
-                self.engine.load(best)
-                self.model_step = self.state.best_step
-                self.logger.info(f"loaded the best checkpoint {best.name} ({self.metric}={self.state.best:.6g})")
-                final = best
-            if self.export_dir is not None:
-                export_hf(self.engine, self.engine.model, self.tokenizer, self.export_dir, self.env, final)
-                self.logger.info(f"exported the model to {self.export_dir}")
-            return self.state
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        if self.evaluate and self.state.step == 0:
+            self._eval_and_maybe_stop()  # the baseline the run is measured against
+        batches = self._micro_batches()
+        while self.state.step < self.total_steps:
+            started = time.perf_counter()
+            self.train_step([next(batches) for _ in range(self.grad_accum)])
+            self.state.train_seconds += time.perf_counter() - started
+            step = self.state.step
+            stop = False
+            if self.evaluate and self.eval_every and step % self.eval_every == 0 and step < self.total_steps:
+                stop = self._eval_and_maybe_stop()
+            signalled = any_rank(stop_requested() is not None, self.engine.device)
+            if signalled or step == self.stop_at_step:
+                self.interrupted = "preempted" if signalled else "stopped"
+                self.logger.info(f"{'a stop signal' if signalled else 'schedule.stop_at_step'}: saving at step "
+                                 f"{step} and stopping (the next run with checkpoint.resume=auto continues)")
+                self.save()
+                return self.state
+            if stop:
+                break
+            if self.checkpoint_every and step % self.checkpoint_every == 0 and step < self.total_steps:
+                self.save()
+        if self.evaluate and (not self.state.history or self.state.history[-1]["step"] != self.state.step):
+            self._eval_and_maybe_stop()
+        final = self.checkpointer.latest() if self._saved_at(self.state.step) else self.save()
+        self.logger.info(f"trained {self.state.samples} samples in {self.state.train_seconds:.2f} s "
+                         f"({self.state.samples / max(self.state.train_seconds, 1e-9):.2f} samples/s)")
+        best = self.checkpointer.best() if self.keep_best and self.state.best_step else None
+        self.model_step = self.state.step
+        if best is not None and best.name == self.checkpointer.name(self.state.best_step) and best != final:
+            # the model to test and deploy is the best one (a `best` left by an earlier run does not count)
+            self.engine.load(best)
+            self.model_step = self.state.best_step
+            self.logger.info(f"loaded the best checkpoint {best.name} ({self.metric}={self.state.best:.6g})")
+            final = best
+        if self.export_dir is not None:
+            export_hf(self.engine, self.engine.model, self.tokenizer, self.export_dir, self.env, final)
+            self.logger.info(f"exported the model to {self.export_dir}")
+        return self.state
 
     # -- pieces -----------------------------------------------------------------------------------------------------
 
@@ -209,9 +210,6 @@ class Trainer:
             self.logger.info(f"early stopping: {self.metric} has not improved for {self.patience} evaluations")
             return True
         return False
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self._preempted = True
 
 
 def evaluate_terms(engine: Engine, loader: Any, objective: Objective) -> dict[str, float]:

@@ -1,0 +1,107 @@
+"""One node's share of a run: the torchrun command for this node, derived from Slurm's environment (or one local
+node), then exec'd. slurm/*.sh run `srun --ntasks-per-node=1 python -m launch.torchrun dtrain.pretrain --config ...`;
+launch.submit builds the same command with `torchrun_command`.
+
+- Rendezvous: c10d on the first host of `scontrol show hostnames $SLURM_JOB_NODELIST`, port $DTRAIN_RDZV_PORT
+  (default 15000 + job id mod 15000, so two jobs sharing a head node do not collide), id dtrain-<job id>.
+- Processes per node: $DTRAIN_NPROC_PER_NODE, else the GPUs Slurm granted ($SLURM_GPUS_ON_NODE, else the entries of
+  $CUDA_VISIBLE_DEVICES), else 1 CPU process.
+- Signals: torchrun forwards SIGTERM/SIGUSR1/SIGUSR2 (a scheduler's stop or warning) to its workers, which save at
+  the next step boundary, and waits $DTRAIN_SHUTDOWN_TIMEOUT seconds (default 300) before killing them.
+- Restarts of failed workers: $DTRAIN_MAX_RESTARTS (default 0); each restart resumes from checkpoints/latest.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
+
+
+class LaunchError(ValueError):
+    pass
+
+
+def _int(environ: Mapping[str, str], key: str, default: int, minimum: int = 0) -> int:
+    text = environ.get(key, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise LaunchError(f"{key}={text!r} is not a whole number; set it to an integer ≥ {minimum} or unset it") \
+            from None
+    if value < minimum:
+        raise LaunchError(f"{key}={value} is below {minimum}; set it to an integer ≥ {minimum} or unset it")
+    return value
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """Slurm's compressed node list (gpu[01-04],cpu7) expanded by `scontrol show hostnames`, in Slurm's order."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    except FileNotFoundError:
+        raise LaunchError("scontrol is not on PATH: launch.torchrun needs the Slurm client tools inside a Slurm job")\
+            from None
+    except subprocess.CalledProcessError as e:
+        raise LaunchError(f"scontrol show hostnames {nodelist!r} failed: {e.stderr.strip()}") from None
+    hosts = out.stdout.split()
+    if not hosts:
+        raise LaunchError(f"scontrol show hostnames {nodelist!r} printed no host")
+    return hosts
+
+
+def nproc_per_node(environ: Mapping[str, str]) -> int:
+    explicit = _int(environ, "DTRAIN_NPROC_PER_NODE", 0, minimum=1 if environ.get("DTRAIN_NPROC_PER_NODE") else 0)
+    if explicit:
+        return explicit
+    gpus = environ.get("SLURM_GPUS_ON_NODE", "").strip()
+    if gpus:
+        return max(1, _int(environ, "SLURM_GPUS_ON_NODE", 1))
+    visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip() and d.strip() != "-1"]
+    return len(visible) or 1
+
+
+def torchrun_command(entry: str, args: Sequence[str], environ: Mapping[str, str] | None = None,
+                     python: str = sys.executable) -> list[str]:
+    """`python -m torch.distributed.run <rendezvous for this job> -m <entry> <args>`."""
+    environ = os.environ if environ is None else environ
+    command = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node(environ)}",
+               f"--max-restarts={_int(environ, 'DTRAIN_MAX_RESTARTS', 0)}",
+               f"--signals-to-handle={FORWARDED_SIGNALS}",
+               f"--shutdown-timeout={_int(environ, 'DTRAIN_SHUTDOWN_TIMEOUT', 300, minimum=1)}"]
+    job = environ.get("SLURM_JOB_ID")
+    if job:
+        nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or ""
+        if not nodelist:
+            raise LaunchError("SLURM_JOB_ID is set but SLURM_JOB_NODELIST is not: run inside an sbatch/salloc job")
+        nodes = _int(environ, "SLURM_JOB_NUM_NODES", 0, minimum=1) or _int(environ, "SLURM_NNODES", 1, minimum=1)
+        port = _int(environ, "DTRAIN_RDZV_PORT", 15000 + _int(environ, "SLURM_JOB_ID", 0) % 15000, minimum=1)
+        command += [f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={hostnames(nodelist)[0]}:{port}",
+                    f"--rdzv-id=dtrain-{job}"]
+    else:
+        command += ["--standalone", "--nnodes=1"]
+    return [*command, "-m", entry, *args]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m launch.torchrun dtrain.pretrain|dtrain.finetune --config X [key=value ...]\n\n"
+              + (__doc__ or ""), file=sys.stderr)
+        return 0 if argv else 2
+    try:
+        command = torchrun_command(argv[0], argv[1:])
+    except LaunchError as e:
+        print(f"launch.torchrun: error: {e}", file=sys.stderr)
+        return 2
+    print("launch.torchrun: " + " ".join(command), file=sys.stderr, flush=True)
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
