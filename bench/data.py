@@ -26,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import machine_line, reproduce, write_section  # noqa: E402
 from dtrain.data.examples import example_path  # noqa: E402
 from dtrain.data.prepare import iter_documents, load_tokenizer, prepare_pretrain, split_sentences  # noqa: E402
 from dtrain.data.pretraining import PretrainingCollator  # noqa: E402
@@ -156,12 +157,13 @@ def main() -> None:
         print(f"training consumes {train:.1f} samples/s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    cpu = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     table = "\n".join([
         "## Data pipeline (`bench/data.py`)",
         "",
-        f"Machine: {cpu}. Corpus: BBC example corpus ({int(p['tokens']):,} tokens), MiniLM tokenizer, seq 128, "
-        f"batch {args.batch}. Medians of {args.repeat} interleaved runs. Written {time.strftime('%Y-%m-%d')}.",
+        machine_line("transformers", "datasets", "pyarrow"),
+        "",
+        f"Corpus: BBC example corpus ({int(p['tokens']):,} tokens), MiniLM tokenizer, seq 128, "
+        f"batch {args.batch}. Medians of {args.repeat} interleaved runs.",
         "",
         "| measurement | dtrain | peer | ratio | goal |",
         "|---|---|---|---|---|",
@@ -177,18 +179,11 @@ def main() -> None:
         "",
         "dtrain's collator does more work than the peer's: NSP pairs (with a random read of another document for "
         "half of them) as well as MLM masking.",
+        "",
+        reproduce("bench/data.py"),
     ])
     print("\n" + table)
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else "# Benchmarks\n\nEach section is rewritten by its script.\n"
-    start = text.find("## Data pipeline")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + table + "\n" + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + table + "\n"
-    out.write_text(text)
-
+    write_section("data", table, Path(args.out))
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import shlex
@@ -34,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import goal, machine_line, ratio_goal, reproduce, write_section  # noqa: E402
 from dtrain.data.examples import example_path  # noqa: E402
 
 BATCH, LR, MAX_LEN, WARMUP, WEIGHT_DECAY = 32, 5e-5, 128, 0.1, 0.01
@@ -151,32 +151,7 @@ def run_dtrain(shards: Path, args, work: Path, rep: int) -> dict:  # noqa: ANN00
     return {"samples_per_s": sps, "accuracy": test_accuracy(run_dir), "wall_clock": not m}
 
 
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        return re.search(r"model name\s*:\s*(.+)", text).group(1).strip()
-    except (OSError, AttributeError):
-        return platform.processor() or "unknown CPU"
-
-
-def git_commit() -> str:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    return git("rev-parse", "--short", "HEAD") + (" (+ uncommitted changes)" if git("status", "--porcelain") else "")
-
-
-def goal(ok: bool, text: str) -> str:
-    return f"**{'PASS' if ok else 'MISS'}**: {text}"
-
-
-def speed_goal(name: str, ratio: float, target: float) -> str:
-    margin = (ratio / target - 1) * 100
-    return f"- ≥ {target}× {name}: " + goal(ratio >= target, f"{ratio:.2f}× ({margin:+.0f}% vs the goal)")
-
-
 def report(runs: dict[str, list[dict]], args, n_train: int) -> str:  # noqa: ANN001
-    import transformers
 
     sps = {s: [r["samples_per_s"] for r in rs] for s, rs in runs.items()}
     med = {s: float(np.median(v)) for s, v in sps.items()}
@@ -187,13 +162,10 @@ def report(runs: dict[str, list[dict]], args, n_train: int) -> str:  # noqa: ANN
     launch = "python -m dtrain.finetune (1 process)" if args.nproc == 1 else \
         f"torchrun --nproc_per_node={args.nproc} (micro-batch {BATCH // args.nproc} per process)"
     wall = any(r.get("wall_clock") for r in runs["dtrain"])
-    command = "cd <repo> && .venv/bin/python bench/finetune.py " + shlex.join(sys.argv[1:])
     return "\n".join([
         "## Fine-tuning (`bench/finetune.py`)",
         "",
-        f"Machine: {os.cpu_count()} CPU cores ({cpu_model()}), torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads, transformers {transformers.__version__}, dtrain {git_commit()}. "
-        f"Written {time.strftime('%Y-%m-%d')}.",
+        machine_line("transformers") + f" torch threads: {torch.get_num_threads()}.",
         "",
         f"Settings: MiniLM (all-MiniLM-L6-v2) → 2-class movie-review sentiment (`sentiment_en`), {n_train:,} training "
         f"samples{' (random subset)' if args.max_samples else ''}, {args.epochs:g} epoch(s), global batch {BATCH}, "
@@ -210,26 +182,15 @@ def report(runs: dict[str, list[dict]], args, n_train: int) -> str:  # noqa: ANN
         "",
         "Goals:",
         "",
-        speed_goal("HF Trainer defaults", r_def, 2.0),
-        speed_goal("HF Trainer group_by_length", r_grp, 1.1),
+        ratio_goal("HF Trainer defaults", r_def, 2.0),
+        ratio_goal("HF Trainer group_by_length", r_grp, 1.1),
         f"- test accuracy within ±1 point of the Trainer's (defaults): "
         f"{goal(abs(d_acc) <= 1.0, f'{d_acc:+.2f} points')}",
         *(["", "Warning: dtrain printed no throughput line; its samples/s is from the subprocess wall time, which "
            "includes start-up, model load, evaluations and the test pass."] if wall else []),
         "",
-        f"Reproduce: `{command}`",
+        reproduce("bench/finetune.py"),
     ])
-
-
-def write_section(path: Path, body: str) -> None:
-    start, end = "<!-- bench:finetune -->", "<!-- /bench:finetune -->"
-    block = f"{start}\n{body}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEach section is rewritten by its script.\n"
-    i, j = text.find(start), text.find(end)
-    if i < 0:  # bench/data.py rewrites its section up to the next "## " heading, which drops our start marker
-        i = text.find(body.split("\n", 1)[0])
-    text = text[:i] + block + text[j + len(end):] if 0 <= i < j else text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -263,7 +224,7 @@ def main() -> None:
                       f"test accuracy {r['accuracy'] * 100:.2f}%", flush=True)
     body = report(runs, args, len(splits["train"]))
     print("\n" + body)
-    write_section(Path(args.out), body)
+    write_section("finetune", body, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -3,15 +3,21 @@
 A checkpoint is the dict of every stateful part: the engine's files (model, optimizer, scheduler, loss scaler),
 trainer.json (trainer counters and the data stream's position), one RNG file per rank and the resolved config. It is
 written into `.tmp-step-N` and renamed to `step-N` only when complete, so a crash mid-save leaves the previous
-checkpoint as `latest` and nothing half-written that resume could pick up.
+checkpoint as `latest` and nothing half-written that resume could pick up (the next resume removes the leftover, saying
+so). manifest.json (size and SHA-256 of every file, written last) lets resume detect a checkpoint damaged on disk
+later and fall back to the one before it. A save that fails (e.g. the disk is full) removes its partial directory and
+stops the run with one line; the previous checkpoints are untouched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +25,12 @@ import numpy as np
 import torch
 
 from dtrain.data.shards import atomic_output_dir
-from dtrain.distributed import DistEnv, barrier
+from dtrain.distributed import DistEnv, any_rank, barrier, broadcast_object
 from dtrain.engine.base import Engine
 from dtrain.errors import DtrainError
 
 TRAINER_FILE = "trainer.json"
+MANIFEST = "manifest.json"
 LATEST = "latest"
 BEST = "best"  # names the checkpoint with the best evaluation; never pruned
 
@@ -59,6 +66,50 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_manifest(path: Path) -> None:
+    files = {str(f.relative_to(path)): [f.stat().st_size, _sha256(f)] for f in sorted(path.rglob("*")) if f.is_file()}
+    (path / MANIFEST).write_text(json.dumps({"files": files}, indent=0) + "\n", encoding="utf-8")
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted (a file missing, truncated or changed since it was written),
+    or None. Checkpoints written before manifests existed are checked for completeness only."""
+    if not (path / TRAINER_FILE).is_file():
+        return f"no {TRAINER_FILE}"
+    if not (path / MANIFEST).is_file():
+        return None
+    try:
+        files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError):
+        return f"{MANIFEST} is unreadable"
+    for name, (size, digest) in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+        if _sha256(f) != digest:
+            return f"{name} does not match its SHA-256"
+    return None
+
+
+def _test_pause(tmp: Path) -> None:
+    """Test hook (tests/reliability): with DTRAIN_TEST_PAUSE_IN_CHECKPOINT=step-N, stop inside that save, after
+    the engine's files are written and before the checkpoint is complete, so a test can kill the process there."""
+    if os.environ.get("DTRAIN_TEST_PAUSE_IN_CHECKPOINT") == tmp.name.removeprefix(".tmp-"):
+        (tmp / "PAUSED").touch()
+        time.sleep(3600)
+
+
+def _warn(message: str) -> None:
+    print(f"dtrain: warning: {message}", file=sys.stderr, flush=True)
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | os.PathLike, env: DistEnv, keep_last: int = 3):
         self.root = Path(run_dir) / "checkpoints"
@@ -73,18 +124,35 @@ class Checkpointer:
         """Every rank calls this; returns the final checkpoint dir. best: also point `best` at it."""
         name = self.name(step)
         final, tmp = self.root / name, self.root / f".tmp-{name}"
+        error = None
+        try:
+            if self.env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+        except OSError as e:
+            error = e
+        if any_rank(error is not None, self.env.device):
+            self._failed(tmp, name, error)
+        try:
+            engine.save(tmp)
+            torch.save(rng_state(), tmp / f"rng-rank{self.env.rank}.pt")
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+            error = e
+        if any_rank(error is not None, self.env.device):  # every rank stops, not only the one that failed
+            self._failed(tmp, name, error)
         if self.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
-        engine.save(tmp)
-        torch.save(rng_state(), tmp / f"rng-rank{self.env.rank}.pt")
-        barrier()
+            _test_pause(tmp)
+            try:
+                (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+                state = {**trainer_state, "step": step, "world_size": self.env.world_size}
+                (tmp / TRAINER_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+                _write_manifest(tmp)
+                _fsync_tree(tmp)
+            except OSError as e:
+                error = e
+        if any_rank(error is not None, self.env.device):
+            self._failed(tmp, name, error)
         if self.env.is_main:
-            (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-            state = {**trainer_state, "step": step, "world_size": self.env.world_size}
-            (tmp / TRAINER_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
-            _fsync_tree(tmp)
             if final.exists():  # the same step saved again (e.g. the end of a resumed run): replace it whole
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -94,6 +162,20 @@ class Checkpointer:
             self._prune()
         barrier()
         return final
+
+    def _failed(self, tmp: Path, name: str, error: BaseException | None) -> None:
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = self.latest()
+        what = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}" if error is not None else \
+            "another rank failed to write its part"
+        try:
+            what += f"; {shutil.disk_usage(self.root).free / 2 ** 20:,.0f} MiB free on its disk after the cleanup"
+        except OSError:
+            pass
+        raise DtrainError(f"could not write checkpoint {self.root / name} ({what}); the partial checkpoint was removed "
+                          f"and {f'the last good one, {latest}, is intact' if latest else 'no earlier one exists'}: "
+                          f"free disk space (or point run_dir elsewhere) and resume")
 
     def _prune(self) -> None:
         best = self.best()
@@ -114,16 +196,47 @@ class Checkpointer:
         return None
 
     def resolve(self, resume: str) -> Path | None:
-        """checkpoint.resume → the dir to resume from (None: start fresh)."""
+        """checkpoint.resume → the dir to resume from (None: start fresh). auto: the newest intact checkpoint; a
+        damaged one is skipped with a warning, leftovers of interrupted saves are removed. Rank 0 decides."""
         if resume == "none":
             return None
-        if resume == "auto":
-            return self.latest()
-        path = Path(resume)
-        if not (path / TRAINER_FILE).is_file():
-            raise DtrainError(f"checkpoint.resume={resume}: not a complete dtrain checkpoint (no {TRAINER_FILE}); "
-                              f"pass a step-N dir, auto or none")
-        return path
+        choice: Path | None = None
+        error: str | None = None
+        if self.env.is_main:
+            if resume == "auto":
+                for partial in sorted(self.root.glob(".tmp-step-*")):
+                    _warn(f"removing {partial}: an incomplete checkpoint left by a save that was interrupted")
+                    shutil.rmtree(partial, ignore_errors=True)
+                choice, error = self._newest_intact()
+            else:
+                path = Path(resume)
+                why = damage(path)
+                if why:
+                    error = f"checkpoint.resume={resume}: not a complete, intact dtrain checkpoint ({why}); pass " \
+                            f"another step-N dir, auto or none"
+                choice = path
+        choice, error = broadcast_object((choice, error))
+        if error:
+            raise DtrainError(error)
+        return choice
+
+    def _newest_intact(self) -> tuple[Path | None, str | None]:
+        latest = latest_checkpoint(self.root)
+        steps = sorted((p for p in self.root.glob("step-*") if p.is_dir()), reverse=True)
+        candidates = list(dict.fromkeys([*([latest] if latest else []), *steps]))
+        damaged = []
+        for path in candidates:
+            why = damage(path)
+            if why is None:
+                if damaged:
+                    _warn(f"resuming from {path.name}, the newest intact checkpoint (skipped: {'; '.join(damaged)})")
+                return path, None
+            damaged.append(f"{path.name}: {why}")
+            _warn(f"checkpoint {path} is damaged ({why}); falling back to the one before it")
+        if damaged:
+            return None, (f"no intact checkpoint in {self.root} ({'; '.join(damaged)}); restore one, or start fresh "
+                          f"with checkpoint.resume=none (or another run_dir)")
+        return None, None
 
     def load(self, path: Path, engine: Engine) -> dict[str, Any]:
         """Restore the engine and this rank's RNG; return the trainer state."""

@@ -101,6 +101,8 @@ class PrecisionConfig:
     initial_loss_scale_power: int = opt(16, "fp16: initial loss scale is 2**this", ge=0, le=32)
     loss_scale_window: int = opt(1000, "fp16: steps without overflow before the scale doubles", ge=1)
     min_loss_scale: float = opt(1.0, "fp16: the scale never goes below this", gt=0)
+    max_consecutive_skips: int = opt(50, "fp16: stop the run (naming the last good checkpoint) after this many "
+                                         "overflow-skipped steps in a row, or at an overflow at min_loss_scale", ge=1)
 
 
 @dataclass
@@ -111,6 +113,8 @@ class ParallelConfig:
     deepspeed_config: str | None = opt(None, "JSON file merged over the DeepSpeed config dtrain generates")
     offload_optimizer: bool = opt(False, "DeepSpeed ZeRO 1-3: keep optimizer states (and step) in CPU memory")
     offload_params: bool = opt(False, "DeepSpeed ZeRO 3: keep parameters in CPU memory between uses")
+    timeout_s: int = opt(1800, "Seconds a collective may wait for the other ranks before the run fails (a rank "
+                               "that hangs or died); raise it for very slow steps or checkpoints", ge=1)
 
 
 @dataclass

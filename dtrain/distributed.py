@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,6 +63,19 @@ def _env_from_launcher() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """After torchrun restarts a failed group (--max-restarts), the new workers meet in the same store as the old
+    ones, whose keys are still there: a rank can read a dead peer's address and never connect (pytorch/pytorch
+    #167288). Keys under a prefix per attempt avoid that. None (plain env://) outside a restart-capable torchrun."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or world == 1:
+        return None
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_hosts and rank == 0, timeout=timeout)
+    return dist.PrefixStore(f"dtrain/attempt-{attempt}", store)
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """Join (or create) the process group. CUDA → nccl and one GPU per local rank; CPU → gloo."""
     rank, world, local = _env_from_launcher()
@@ -82,8 +96,9 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                store=_attempt_store(rank, world, timeout))
     return DistEnv(rank, world, local, device, backend)
 
 
@@ -128,15 +143,26 @@ def stop_requested() -> str | None:
     return signal.Signals(_caught[0]).name if _caught else None
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank src's `obj` on every rank (a decision one rank makes for all); itself without a process group."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
-def teardown() -> None:
-    """barrier, then destroy the process group (ZeRO-3 can abort at exit otherwise)."""
+def teardown(synchronise: bool = True) -> None:
+    """barrier, then destroy the process group (ZeRO-3 can abort at exit otherwise). After a failure that other
+    ranks may not share (a timeout, a crash), no barrier: it would wait for a rank that is gone."""
     if dist.is_initialized():
         try:
-            barrier()
+            if synchronise:
+                barrier()
         finally:
             dist.destroy_process_group()

@@ -60,20 +60,27 @@ class RunLogger:
                  peak: float = 0.0, world_size: int = 1, start_step: int = 0):
         self.is_main, self.every, self.total = is_main, every, total_steps
         self.flops_per_token, self.peak, self.world_size = flops_per_token, peak, world_size
-        self.writer = self.bar = None
+        self.bar = None
+        self._writer: Any = None
+        self._tb_dir = Path(run_dir) / "tb" if is_main and tensorboard else None
         self._t = time.perf_counter()
         self._samples = self._tokens = 0
         if not is_main:
             return
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
         if progress_bar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, dynamic_ncols=True,
                             disable=None)
+
+    @property
+    def writer(self) -> Any:
+        """The TensorBoard writer, created at first use: a run that fails its checks leaves no event file."""
+        if self._writer is None and self._tb_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self._tb_dir))
+        return self._writer
 
     def text(self, tag: str, text: str) -> None:
         if self.writer:
@@ -120,9 +127,9 @@ class RunLogger:
     def close(self) -> None:
         if self.bar:
             self.bar.close()
-        if self.writer:
-            self.writer.flush()
-            self.writer.close()
+        if self._writer:
+            self._writer.flush()
+            self._writer.close()
 
 
 def _fmt(value: float) -> str:

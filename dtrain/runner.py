@@ -29,6 +29,7 @@ from dtrain.model.presets import PRESETS
 from dtrain.trainer import Objective, Trainer
 
 DEBUG_STEPS = 20
+_TIMEOUT = [0]  # parallel.timeout_s of this run, for the one-line error when a collective times out
 
 
 def parse(argv: Sequence[str] | None, prog: str) -> Config:
@@ -48,13 +49,13 @@ def parse(argv: Sequence[str] | None, prog: str) -> Config:
 
 
 def setup(cfg: Config) -> DistEnv:
-    env = init_distributed(cfg.parallel.backend)
+    env = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    _TIMEOUT[0] = cfg.parallel.timeout_s
     cfg.model.name_or_path = example_or_path(cfg.model.name_or_path)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every rank: replicas start identical
     if env.is_main:
-        save_run_config(cfg)
         if "SLURM_JOB_ID" in os.environ:  # a requeued job runs again under the same id with the count raised
             print(f"dtrain: Slurm job {os.environ['SLURM_JOB_ID']}, SLURM_RESTART_COUNT="
                   f"{os.environ.get('SLURM_RESTART_COUNT', 0)}", file=sys.stderr)
@@ -122,9 +123,14 @@ def run(cfg: Config, env: DistEnv, model: torch.nn.Module, objective: Objective,
                       metric=cfg.eval.metric or metric, mode=cfg.eval.mode, patience=cfg.early_stopping.patience,
                       min_delta=cfg.early_stopping.min_delta, keep_best=keep_best,
                       export_dir=Path(cfg.run_dir) / "export" if cfg.checkpoint.export else None, tokenizer=tokenizer,
-                      stop_at_step=cfg.schedule.stop_at_step, ledger=ledger)
-    logger.text("config", "```\n" + cfg.to_yaml() + "\n```")
+                      stop_at_step=cfg.schedule.stop_at_step, ledger=ledger,
+                      min_loss_scale=cfg.precision.min_loss_scale,
+                      max_consecutive_skips=cfg.precision.max_consecutive_skips)
     trainer.resume(cfg.checkpoint.resume)
+    # every check has passed: only now does the run dir change (a bad input leaves an earlier run as it was)
+    if env.is_main:
+        save_run_config(cfg)
+    logger.text("config", "```\n" + cfg.to_yaml() + "\n```")
     write_status(cfg, env, "running", trainer)
     trainer.fit()
     if trainer.interrupted:
@@ -150,11 +156,27 @@ def main_guard(main: Callable[[], int]) -> int:
     from dtrain.distributed import teardown
 
     restore_signals = catch_stop_signals()  # a stop signal from now on means: save at the next step, then exit
+    clean = False
     try:
-        return main()
+        status = main()
+        clean = True
+        return status
     except DtrainError as e:
+        clean = True  # every rank raises it at the same point (the checks are agreed), so teardown can synchronise
         print(f"dtrain: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not _is_timeout(e):
+            raise
+        print(f"dtrain: error: a collective waited longer than parallel.timeout_s={_TIMEOUT[0]} s for the other "
+              f"ranks (one hung or died): {str(e).strip().splitlines()[0][:200]}; find the stuck rank, or raise "
+              f"parallel.timeout_s if steps or checkpoints are legitimately that slow", file=sys.stderr)
+        return 3
     finally:
-        teardown()
+        teardown(synchronise=clean)
         restore_signals()
+
+
+def _is_timeout(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "timed out" in text or "timeout" in text or "connection closed by peer" in text

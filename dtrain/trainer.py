@@ -34,6 +34,7 @@ class Objective:
 class TrainerState:
     step: int = 0  # optimizer steps done (skipped fp16 steps included)
     skipped: int = 0
+    skipped_in_a_row: int = 0  # fp16 overflow skips since the last applied step
     samples: int = 0
     tokens: int = 0
     best: float | None = None
@@ -49,7 +50,8 @@ class Trainer:
                  evaluate: Callable[[Engine], dict[str, float]] | None = None, eval_every: int | None = None,
                  checkpoint_every: int | None = None, metric: str | None = None, patience: int | None = None,
                  export_dir: Path | None = None, tokenizer: Any = None, stop_at_step: int | None = None,
-                 mode: str = "auto", min_delta: float = 0.0, keep_best: bool = False, ledger: Path | None = None):
+                 mode: str = "auto", min_delta: float = 0.0, keep_best: bool = False, ledger: Path | None = None,
+                 min_loss_scale: float = 1.0, max_consecutive_skips: int = 50):
         self.env, self.engine, self.loader, self.objective = env, engine, loader, objective
         self.total_steps, self.grad_accum = total_steps, grad_accum
         self.checkpointer, self.logger, self.config_yaml = checkpointer, logger, config_yaml
@@ -61,6 +63,7 @@ class Trainer:
         self.model_step = 0  # after fit: the step whose weights the engine holds (the best one with keep_best)
         self.interrupted: str | None = None  # why fit saved and stopped before the end (resume later): a stop
         # signal ("preempted") or schedule.stop_at_step ("stopped")
+        self.min_loss_scale, self.max_consecutive_skips = min_loss_scale, max_consecutive_skips
         self.ledger = ledger  # debug: <ledger> gets one JSON line per step with the sample ids this rank trained on
 
     # -- state ------------------------------------------------------------------------------------------------------
@@ -113,14 +116,15 @@ class Trainer:
         try:
             info = self.engine.step()
         except NonFiniteError as e:
-            raise NonFiniteError(f"step {self.state.step + 1}: {e}") from None
+            raise NonFiniteError(f"step {self.state.step + 1}: {e}; {self._last_good()}") from None
         step_terms = all_reduce_sum(sums).cpu()
         scalars = {f"{k}_loss": float(step_terms[i]) / denominators[k] for i, k in enumerate(names)}
         scalars["loss"] = sum(scalars.values())
         if not math.isfinite(scalars["loss"]) and not info.skipped:
-            raise NonFiniteError(f"the loss is {scalars['loss']} at step {self.state.step + 1} (seen by all ranks); "
-                                 f"nothing was saved from this step: lower optim.lr or resume from the last "
-                                 f"checkpoint")
+            raise NonFiniteError(f"step {self.state.step + 1}: the loss is {scalars['loss']} (seen by all ranks), "
+                                 f"nothing was saved from this step on; lower optim.lr and resume from the last "
+                                 f"good checkpoint; {self._last_good()}")
+        self._check_loss_scale(info)
         self.state.step += 1
         self.state.skipped += int(info.skipped)
         samples, tokens = int(totals[len(names)]), int(totals[len(names) + 1])
@@ -178,6 +182,24 @@ class Trainer:
         return self.state
 
     # -- pieces -----------------------------------------------------------------------------------------------------
+
+    def _last_good(self) -> str:
+        latest = self.checkpointer.latest()
+        return f"last good checkpoint: {latest}" if latest else "no checkpoint was saved yet"
+
+    def _check_loss_scale(self, info: Any) -> None:
+        """fp16: a skipped step is normal while the loss scale finds its level; a step that overflows at the
+        floor, or many skips in a row, mean the model itself produces inf/nan (the scale has collapsed)."""
+        self.state.skipped_in_a_row = self.state.skipped_in_a_row + 1 if info.skipped else 0
+        at_floor = info.skipped and info.loss_scale is not None and info.loss_scale <= self.min_loss_scale
+        if at_floor or self.state.skipped_in_a_row >= self.max_consecutive_skips:
+            why = (f"it overflowed at the floor precision.min_loss_scale={self.min_loss_scale:g}" if at_floor else
+                   f"{self.state.skipped_in_a_row} steps in a row were skipped for overflow "
+                   f"(precision.max_consecutive_skips)")
+            raise NonFiniteError(f"step {self.state.step + 1}: the fp16 loss scale collapsed ({why}): the model "
+                                 f"produces inf/nan, so training stops instead of going on with garbage; resume "
+                                 f"from the last good checkpoint with a lower optim.lr or precision.dtype=bf16; "
+                                 f"{self._last_good()}")
 
     def save(self, best: bool = False) -> Path:
         return self.checkpointer.save(self.state.step, self.engine, self.state_dict(), self.config_yaml, best=best)

@@ -7,14 +7,13 @@ from types import SimpleNamespace
 import torch
 
 
-def read_ledger(run_dir: Path) -> dict[int, list[list[int]]]:
-    """{step: [the ids of every record of that step, one list per record and rank]} over all ranks and attempts."""
-    steps: dict[int, list[list[int]]] = {}
+def read_ledger(run_dir: Path) -> dict[int, list[tuple[int, list[int]]]]:
+    """{rank: [(step, ids), ...] in the order written} over all attempts (a rank appends to its own file)."""
+    out = {}
     for path in sorted((run_dir / "ledger").glob("rank-*.jsonl")):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            steps.setdefault(record["step"], []).append(record["ids"])
-    return steps
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        out[int(path.stem.split("-")[1])] = [(r["step"], r["ids"]) for r in records]
+    return out
 
 
 def expected_ledger(config: str, overrides: list[str], world_size: int, steps: int) -> dict[int, list[int]]:
@@ -38,12 +37,20 @@ def expected_ledger(config: str, overrides: list[str], world_size: int, steps: i
     return {s: sorted(ids) for s, ids in out.items()}
 
 
-def assert_exactly_once(run_dir: Path, expected: dict[int, list[int]], world_size: int) -> None:
-    """Every step of the schedule was trained once (one record per rank, none repeated after a resume) on exactly
-    the samples an uninterrupted run trains on at that step."""
+def assert_exactly_once(run_dir: Path, expected: dict[int, list[int]], world_size: int,
+                        retrained: bool = False) -> None:
+    """Every step of the schedule is in the final history of each rank (its last record of that step: a restart
+    from a checkpoint trains the steps after it again), on exactly the samples an uninterrupted run trains at that
+    step. Unless `retrained`, no step may have been trained twice at all (a preemption that saved loses nothing)."""
     ledger = read_ledger(run_dir)
-    assert sorted(ledger) == sorted(expected), f"steps trained: {sorted(ledger)}"
-    repeated = {s: len(r) for s, r in ledger.items() if len(r) != world_size}
-    assert not repeated, f"steps recorded more or less than once per rank: {repeated}"
-    wrong = [s for s, records in ledger.items() if sorted(i for r in records for i in r) != expected[s]]
+    assert sorted(ledger) == list(range(world_size)), f"ranks with a ledger: {sorted(ledger)}"
+    final: dict[int, list[int]] = {}
+    for rank, records in ledger.items():
+        steps = [s for s, _ in records]
+        if not retrained:
+            assert len(steps) == len(set(steps)), f"rank {rank} trained steps twice: {sorted(steps)}"
+        for step, ids in dict(records).items():  # the last record of each step wins
+            final.setdefault(step, []).extend(ids)
+    assert sorted(final) == sorted(expected), f"steps trained: {sorted(final)}"
+    wrong = [s for s, ids in final.items() if sorted(ids) != expected[s]]
     assert not wrong, f"steps that trained other samples than an uninterrupted run: {wrong[:10]}"

@@ -1,0 +1,111 @@
+"""What every benchmark shares: the machine line, medians, goal lines, the measured CPU matmul peak, and writing
+one section of BENCHMARKS.md between its markers (<!-- bench:NAME --> ... <!-- /bench:NAME -->)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "BENCHMARKS.md"
+HEADER = ("# Benchmarks\n\nEach section is rewritten by its script (`make bench` runs them all). dtrain and its peer "
+          "run in the same invocation on the same machine; numbers are medians of repetitions.\n")
+
+
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        return re.search(r"model name\s*:\s*(.+)", text).group(1).strip()
+    except (OSError, AttributeError):
+        return platform.processor() or "unknown CPU"
+
+
+def git_commit() -> str:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (" (+ uncommitted changes)" if git("status", "--porcelain") else "")
+
+
+def machine_line(*packages: str) -> str:
+    """`Machine: ... torch ..., <packages>, dtrain <commit>. Written <date>.`"""
+    import importlib
+
+    versions = []
+    for name in packages:
+        try:
+            versions.append(f"{name} {importlib.import_module(name).__version__}")
+        except ImportError:
+            versions.append(f"{name} (not installed)")
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"Machine: {os.cpu_count()} CPU cores ({cpu_model()}){gpu}, {_memory_gib():.0f} GiB RAM, Python "
+            f"{platform.python_version()}, torch {torch.__version__}{''.join(', ' + v for v in versions)}, dtrain "
+            f"{git_commit()}. Written {time.strftime('%Y-%m-%d')}.")
+
+
+def _memory_gib() -> float:
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        return kb / 2 ** 20
+    except (OSError, AttributeError):
+        return 0.0
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def spread(values: list[float], fmt: str = "{:,.1f}") -> str:
+    """`median (min–max)` of the repetitions."""
+    return f"{fmt.format(median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def goal(ok: bool, text: str) -> str:
+    return f"**{'PASS' if ok else 'MISS'}**: {text}"
+
+
+def ratio_goal(name: str, ratio: float, target: float, higher_is_better: bool = True) -> str:
+    """`- ≥ 2.5× name: **MISS**: 2.21× (-12% vs the goal)`."""
+    ok = ratio >= target if higher_is_better else ratio <= target
+    margin = (ratio / target - 1) * 100
+    return f"- {'≥' if higher_is_better else '≤'} {target:g}× {name}: " + goal(ok, f"{ratio:.2f}× ({margin:+.0f}% vs "
+                                                                                  f"the goal)")
+
+
+def reproduce(script: str) -> str:
+    return f"Reproduce: `cd <repo> && .venv/bin/python {script} {shlex.join(sys.argv[1:])}`".replace(" `", " `", 1)
+
+
+def cpu_matmul_peak(seconds: float = 2.0, n: int = 2048, reps: int = 5) -> list[float]:
+    """fp32 matmul FLOP/s of this machine with torch's threads: `reps` measurements of `seconds` each (after a
+    warm-up), n×n @ n×n. The median is the peak that CPU MFU is measured against."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    out = []
+    for _ in range(reps):
+        count, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            count += 1
+        out.append(2 * n ** 3 * count / (time.perf_counter() - t0))
+    return out
+
+
+def write_section(name: str, body: str, path: Path = BENCHMARKS) -> None:
+    """Replace the section between <!-- bench:name --> and <!-- /bench:name --> (append it when missing)."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text() if path.exists() else HEADER
+    i, j = text.find(start), text.find(end)
+    text = text[:i] + block + text[j + len(end):] if 0 <= i < j else text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
