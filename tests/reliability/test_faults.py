@@ -105,8 +105,9 @@ def test_a_process_killed_inside_a_checkpoint_write_loses_nothing(pretrain_data,
     proc = _launch(overrides, nproc=1, DTRAIN_TEST_PAUSE_IN_CHECKPOINT="step-00000010")
     paused = run_dir / "checkpoints" / ".tmp-step-00000010" / "PAUSED"
     _wait_for(proc, paused.exists)  # the engine's files of step 10 are written, the checkpoint is not complete
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    for worker in _workers(proc):  # the process writing the checkpoint dies there; torchrun then gives up
+        os.kill(worker, signal.SIGKILL)
+    proc.communicate(timeout=60)
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-00000005"
     assert (checkpoints / ".tmp-step-00000010").is_dir() and not (checkpoints / "step-00000010").exists()
