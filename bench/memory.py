@@ -1,0 +1,285 @@
+"""Memory per rank: peak RSS of each of 2 CPU ranks training BERT with DDP and DeepSpeed ZeRO-1/2/3 (+ offload).
+
+  .venv/bin/python bench/memory.py                                  # writes its section of BENCHMARKS.md
+  .venv/bin/python bench/memory.py --models base --out /tmp/bench-memory.md   # smoke run
+
+Each run is the real entry point, `torchrun --standalone --nproc_per_node=2 -m dtrain.pretrain`, on
+`configs/pretrain/debug.yaml` with a random-init preset (bert-base-uncased / bert-large-uncased), fp32, on 100 BBC
+example articles (prepared once by `dtrain prepare pretrain` into a temp dir), no evaluation. Measured from outside,
+dtrain unchanged: when rank 0 logs step --steps (of --steps + 1), this script reads /proc/<pid>/status VmHWM (the
+kernel's peak resident set size) of both workers (torchrun's children, told apart by their RANK) and kills the run
+(SIGKILL to its process group), so the final checkpoint dtrain always writes is neither measured nor waited for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import common  # noqa: E402
+from dtrain.data.examples import example_path  # noqa: E402
+
+CONFIG = "configs/pretrain/debug.yaml"
+MODELS = {"base": "bert-base-uncased", "large": "bert-large-uncased"}
+NPROC, SEQ, GIB = 2, 128, 2 ** 30
+# Key names as `dtrain config keys` lists them.
+COMMON = ["model.tokenizer=minilm", f"data.max_seq_len={SEQ}", "data.num_workers=0", "data.train={data}",
+          "data.eval=null", "run_dir={run_dir}", "schedule.max_steps={steps}", "schedule.grad_accum_steps=1",
+          "schedule.warmup=1", "data.micro_batch_size={micro_batch}", "precision.dtype=fp32", "optim.name=adamw",
+          "checkpoint.every_steps=null", "checkpoint.export=false", "checkpoint.resume=none", "logging.every_steps=1",
+          "logging.tensorboard=false", "logging.progress_bar=false"]
+OFFLOAD = "ZeRO-3 + CPU offload"
+ENGINES = {  # label: overrides
+    "DDP": ["parallel.engine=ddp", "parallel.zero_stage=0"],
+    "ZeRO-1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
+    "ZeRO-2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
+    "ZeRO-3": ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
+    OFFLOAD: ["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.offload_optimizer=true",
+              "parallel.offload_params=true"],
+}
+STEP_RE = re.compile(r"^step (\d+)/\d+ ")
+NOTES = [
+    "What limits it (fp32 on CPU, the DeepSpeed config dtrain generates):",
+    "- ZeRO-3 keeps layers gathered: `stage3_max_live_parameters` and `stage3_max_reuse_distance` default to 1e9 "
+    "parameters, more than either model has, so gathered full parameters stay resident from the forward until the "
+    "backward is done, and the 5e8-element `reduce_bucket_size` fills with full-size gradients before they are "
+    "reduce-scattered (smaller values can be merged in with `parallel.deepspeed_config`).",
+    "- glibc keeps freed blocks of up to 32 MiB in its heap, so what the gathers, the buckets and the partitioning of "
+    "the full model (every rank builds it first, no `zero.Init`) free is not returned to the kernel; ZeRO-3 suffers "
+    "most (`MALLOC_MMAP_THRESHOLD_=131072` in the environment lowers it).",
+    "- ZeRO-1/2 in fp32 keep the full flat parameters plus a cloned fp32 master copy of their partition, so sharding "
+    "the moments (and gradients) over 2 ranks saves little; activations are never sharded; and the Python/torch/"
+    "DeepSpeed baseline of each process (~0.5 GiB) weighs most for the smaller model.",
+]
+
+
+def workers(parent: int) -> dict[int, tuple[int, str]]:
+    """{RANK: (pid, MASTER_PORT)} of the direct children of `parent` that torchrun started."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            env = dict(e.decode().split("=", 1) for e in (stat.parent / "environ").read_bytes().split(b"\0")
+                       if e.split(b"=", 1)[0] in (b"RANK", b"MASTER_PORT"))
+        except (OSError, IndexError, ValueError):
+            continue
+        if "RANK" in env:
+            out[int(env["RANK"])] = (int(stat.parent.name), env.get("MASTER_PORT", ""))
+    return out
+
+
+def proc_kib(path: str, key: str) -> int:
+    try:
+        m = re.search(rf"{key}:\s+(\d+) kB", Path(path).read_text())
+        return int(m.group(1)) if m else 0
+    except OSError:
+        return 0
+
+
+def vm_hwm(pid: int) -> float:
+    """Peak resident set size of `pid` in GiB (0 once it has exited)."""
+    return proc_kib(f"/proc/{pid}/status", "VmHWM") / 2 ** 20
+
+
+def alive(pid: int) -> bool:
+    """Running or exiting (a zombie has given its memory back)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL to the run's process group: torchrun and its workers."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def failure(rc: int, output: str) -> str:
+    """One line saying why a run failed."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for pattern in (r"dtrain: error: .*", r"^\w*(Error|Exception): .*", r"Signal \d+ \(\w+\) received.*",
+                    r"exitcode\s*:\s*-?\d+.*"):
+        hits = [m.group(0) for ln in lines if (m := re.search(pattern, ln))]
+        if hits:
+            return hits[-1][:200].replace("|", "/")
+    return f"exit status {rc}" + (f": {lines[-1][:160]}" if lines else "")
+
+
+def run_one(model: str, engine: str, data: Path, work: Path, args: argparse.Namespace) -> dict:
+    """One torchrun, killed as soon as rank 0 logs step `args.steps`: {"peak": [GiB per rank], ...} or
+    {"failed": why, "at_least": GiB when it was stopped for memory}."""
+    values = {"data": data, "run_dir": work / "run", "steps": args.steps + 1, "micro_batch": args.micro_batch}
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={NPROC}", "-m",
+           "dtrain.pretrain", "--config", CONFIG, f"model.name_or_path={MODELS[model]}",
+           *(o.format(**values) for o in COMMON), *ENGINES[engine]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    ranks: dict[int, tuple[int, str]] = {}
+    result: dict = {}
+    lines: list[str] = []
+    step_at: dict[int, float] = {}
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if m := STEP_RE.match(line):
+                step_at[int(m.group(1))] = time.perf_counter()
+                if int(m.group(1)) == args.steps and len(ranks) == NPROC and not result:
+                    result["peak"] = [vm_hwm(ranks[r][0]) for r in range(NPROC)]
+                    kill(proc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        if len(ranks) < NPROC:
+            ranks.update(workers(proc.pid))
+        if proc_kib("/proc/meminfo", "MemAvailable") < args.min_available * 2 ** 20 and not result:
+            result["at_least"] = max((vm_hwm(pid) for pid, _ in list(ranks.values())), default=0)
+            result["failed"] = f"stopped: the machine had < {args.min_available:g} GiB available"
+        elif time.perf_counter() - t0 > args.timeout and not result:
+            result["failed"] = f"timed out after {args.timeout:.0f} s"
+        if "failed" in result:
+            kill(proc)
+        time.sleep(0.1)
+    reader.join(10)
+    deadline = time.perf_counter() + 60  # the killed workers may still be freeing their memory: the next run waits
+    while time.perf_counter() < deadline and any(alive(pid) for pid, _ in ranks.values()):
+        time.sleep(0.2)
+    for port in {port for _, port in ranks.values()}:  # DeepSpeed's CPU all-reduce segments outlive a kill
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+            f.unlink(missing_ok=True)
+    result["wall"] = time.perf_counter() - t0
+    if "peak" in result:
+        result["s_per_step"] = step_at[args.steps] - step_at.get(args.steps - 1, t0)
+    else:
+        result.setdefault("failed", failure(proc.returncode, "".join(lines)))
+        print(f"  {model} {engine}: failed: {result['failed']}\n    " + "    ".join(lines[-15:]), flush=True)
+    return result
+
+
+def prepare(work: Path) -> Path:
+    """100 BBC articles (a few hundred 128-token samples: plenty for a few steps) as a pretraining dataset."""
+    out = work / "bbc_pretrain"
+    files = sorted(example_path("bbc_corpus").glob("*.txt"))[:100]
+    subprocess.run([sys.executable, "-m", "dtrain", "prepare", "pretrain", *map(str, files), "--out", str(out),
+                    "--tokenizer", "minilm", "--max-seq-len", str(SEQ)], cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL)
+    return out
+
+
+def report(results: dict, args: argparse.Namespace, wall: float) -> str:
+    head = "- ≤ 0.6× DDP for bert-large, ZeRO-3: "
+    rows, ratios, goal = [], {}, head + "not measured in this run"
+    for model, by_engine in results.items():
+        ok = {e: rs for e, rs in by_engine.items() if rs and "failed" not in rs[-1]}
+        ddp = common.median([max(r["peak"]) for r in ok["DDP"]]) if "DDP" in ok else float("nan")
+        for engine, rs in by_engine.items():
+            if engine not in ok:
+                why, low = rs[-1]["failed"], rs[-1].get("at_least")
+                bound = f" (at ≥ {low:.2f} GiB per rank) | ≥ {low / ddp:.2f}× | – |" if low else " | – | – |"
+                rows.append(f"| {MODELS[model]} | {engine} | failed: {why}{bound}")
+                if (model, engine) == ("large", "ZeRO-3"):
+                    goal = head + (common.goal(False, f"≥ {low / ddp:.2f}× (a lower bound: {why})")
+                                   if low and low / ddp > 0.6 else f"not measured (failed: {why})")
+                continue
+            peak = [max(r["peak"]) for r in rs]
+            ranks = " / ".join(f"{common.median([r['peak'][k] for r in rs]):.2f}" for k in range(NPROC))
+            ratios[model, engine] = common.median(peak) / ddp
+            rows.append(f"| {MODELS[model]} | {engine} | "
+                        f"{common.spread(peak, '{:.2f}') if len(rs) > 1 else f'{peak[0]:.2f}'} [{ranks}] | "
+                        f"{ratios[model, engine]:.2f}× | {common.median([r['s_per_step'] for r in rs]):.0f} |")
+    if ("large", "ZeRO-3") in ratios:
+        goal = common.ratio_goal("DDP for bert-large, ZeRO-3", ratios["large", "ZeRO-3"], 0.6, higher_is_better=False)
+    offload_ran = any(by.get(OFFLOAD) and "failed" not in by[OFFLOAD][-1] for by in results.values())
+    return "\n".join([
+        "## Memory per rank (`bench/memory.py`)",
+        "",
+        common.machine_line("deepspeed"),
+        "",
+        f"Settings: `torchrun --standalone --nproc_per_node={NPROC} -m dtrain.pretrain --config {CONFIG}` on CPU "
+        f"(gloo, 1 thread per rank), random-init presets, fp32, AdamW, micro-batch {args.micro_batch} per rank, "
+        f"seq {SEQ}, no accumulation, no evaluation; data: 100 BBC example articles prepared by `dtrain prepare "
+        f"pretrain`. Each run is stopped (SIGKILL) when rank 0 logs step {args.steps} of {args.steps + 1}: "
+        f"{args.steps} full optimizer steps, so a backward runs with the optimizer state allocated, and the "
+        f"checkpoint dtrain writes at the end is not measured. {args.reps} rep(s), engines interleaved within a rep"
+        f"{'; values are medians over reps (min–max)' if args.reps > 1 else ''}. Total wall time {wall / 60:.1f} min.",
+        "",
+        "Peak RSS = the kernel's VmHWM of each worker process (torchrun's children), read from /proc when rank 0 "
+        "logs the last measured step (dtrain unchanged). It counts everything resident in that process: the Python "
+        "interpreter, torch and DeepSpeed libraries (~0.5 GiB before any model exists), the model parameters, "
+        "gradients, optimizer state, communication buffers and activations.",
+        "",
+        "| model | engine | peak RSS per rank, GiB: max of ranks [rank 0 / rank 1] | ratio to DDP | s/step (last) |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        "Goal:",
+        "",
+        goal,
+        "",
+        *NOTES,
+        f"- {OFFLOAD}: " + ("DeepSpeed accepts `offload_optimizer`/`offload_param` (device cpu) on a CPU-only "
+                            "machine and trains, but the accelerator already is the CPU, so nothing leaves the "
+                            "process, and with `offload_optimizer` ZeRO-3 clones its fp32 partition instead of "
+                            "sharing it with the parameters." if offload_ran else "did not run here (see the table)."),
+        "",
+        common.reproduce("bench/memory.py"),
+    ])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=1, help="repetitions (a peak RSS repeats within ~2%% run to run)")
+    ap.add_argument("--models", default="base,large", help="comma-separated: base, large")
+    ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of: " + ", ".join(ENGINES))
+    ap.add_argument("--steps", type=int, default=2, help="optimizer steps measured per run (≥ 2)")
+    ap.add_argument("--micro-batch", type=int, default=2, help="sequences per rank per step")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds before a run is killed and marked failed")
+    ap.add_argument("--min-available", type=float, default=1.5,
+                    help="stop a run (marked failed) when the machine has less than this many GiB available")
+    ap.add_argument("--out", default=str(common.BENCHMARKS))
+    args = ap.parse_args()
+    models, engines = args.models.split(","), args.engines.split(",")
+    if args.steps < 2:
+        ap.error("--steps must be ≥ 2 (the first step allocates the optimizer state)")
+    if bad := [m for m in models if m not in MODELS] + [e for e in engines if e not in ENGINES]:
+        ap.error(f"unknown model/engine: {', '.join(bad)}")
+    t0 = time.perf_counter()
+    results: dict[str, dict[str, list[dict]]] = {m: {e: [] for e in engines} for m in models}
+    with tempfile.TemporaryDirectory(prefix="dtrain-bench-mem-") as tmp:
+        data = prepare(Path(tmp))
+        for model in models:
+            for rep in range(args.reps):
+                for engine in engines:
+                    if results[model][engine] and "failed" in results[model][engine][-1]:
+                        continue  # a config that failed once is not retried
+                    r = run_one(model, engine, data, Path(tmp), args)
+                    results[model][engine].append(r)
+                    if "failed" not in r:
+                        print(f"rep {rep + 1}/{args.reps} {MODELS[model]} {engine}: peak RSS "
+                              f"{' / '.join(f'{g:.2f}' for g in r['peak'])} GiB, {r['s_per_step']:.1f} s/step, "
+                              f"{r['wall']:.0f} s", flush=True)
+    body = report(results, args, time.perf_counter() - t0)
+    print("\n" + body)
+    common.write_section("memory", body, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
