@@ -228,9 +228,9 @@ def report(runs: dict[str, list[dict]], peak: list[float], flops: dict[str, floa
         f"DataCollatorForLanguageModeling; timed by step-end callbacks. dtrain: `{CONFIG}` with the same settings, "
         f"1 process with micro-batch {BATCH}, or torchrun with 2 (DDP over gloo, micro-batch {BATCH // 2} each, "
         f"OMP_NUM_THREADS={threads}); data.num_workers={workers} per process; each micro-batch padded to its "
-        f"longest sequence rounded up to 8; vocabulary head on the masked positions only; timed by its per-step log "
-        f"lines (start-up, the final checkpoint and teardown excluded). {args.reps} rep(s), sides interleaved per "
-        f"rep; median (min–max) of reps; \"vs HF\" is the ratio of the medians.", "",
+        f"longest sequence (no rounding to 8 on a CPU); vocabulary head on the masked positions only; timed by its "
+        f"per-step log lines (start-up, the final checkpoint and teardown excluded). {args.reps} rep(s), sides "
+        f"interleaved per rep; median (min–max) of reps; \"vs HF\" is the ratio of the medians.", "",
         f"MFU: achieved FLOP/s over this machine's fp32 matmul peak, {common.spread([p / 1e9 for p in peak])} "
         f"GFLOP/s (`common.cpu_matmul_peak`, torch's default threads = all cores; the 2-process side is held to the "
         f"same whole-machine peak). dtrain: non-padding tokens/s × {flops['dtrain'] / 1e6:.1f} MFLOP/token "
