@@ -111,6 +111,25 @@ def test_user_deepspeed_json_is_merged_and_changes_reported(tmp_path):
                                "zero_optimization.stage: dtrain 1 → ds.json 2"]
 
 
+def test_zero_buffers_are_sized_to_the_model_and_the_user_json_wins(tmp_path):
+    from dtrain.config import load_config
+    from dtrain.engine.deepspeed import deepspeed_config, merge_user_config
+
+    stage3 = load_config(None, ["parallel.engine=deepspeed", "parallel.zero_stage=3"])
+    zero = deepspeed_config(stage3, 2, hidden_size=1024)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 1024 * 1024 and zero["allgather_bucket_size"] == 50_000_000
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 1024 * 1024)
+    assert zero["stage3_param_persistence_threshold"] == 10240
+    stage2 = load_config(None, ["parallel.engine=deepspeed", "parallel.zero_stage=2"])
+    zero = deepspeed_config(stage2, 2, hidden_size=1024)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 1024 * 1024 and not any(k.startswith("stage3") for k in zero)
+    assert "reduce_bucket_size" not in deepspeed_config(stage2, 2)["zero_optimization"]  # size unknown: DeepSpeed's
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 500_000_000}}))
+    merged, changes = merge_user_config(deepspeed_config(stage3, 2, hidden_size=1024), str(tmp_path / "ds.json"))
+    assert merged["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    assert changes == ["zero_optimization.reduce_bucket_size: dtrain 1048576 → ds.json 500000000"]
+
+
 def test_zero3_with_cpu_offload_matches_ddp(corpus_data, tokenizer_dir, tmp_path, ddp_reference):
     result = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path, *STEPS,
                                                    "checkpoint.export=false", "parallel.engine=deepspeed",
