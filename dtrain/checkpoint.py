@@ -28,6 +28,7 @@ from dtrain.data.shards import atomic_output_dir
 from dtrain.distributed import DistEnv, any_rank, barrier, broadcast_object
 from dtrain.engine.base import Engine
 from dtrain.errors import DtrainError
+from dtrain.files import write_atomic
 
 TRAINER_FILE = "trainer.json"
 MANIFEST = "manifest.json"
@@ -50,30 +51,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _write_manifest(path: Path) -> None:
-    files = {str(f.relative_to(path)): [f.stat().st_size, _sha256(f)] for f in sorted(path.rglob("*")) if f.is_file()}
-    (path / MANIFEST).write_text(json.dumps({"files": files}, indent=0) + "\n", encoding="utf-8")
+def _seal(path: Path) -> None:
+    """Hash and fsync every file in one read, then write manifest.json (fsynced) last."""
+    files = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                files[str(f.relative_to(path))] = [os.fstat(fh.fileno()).st_size,
+                                                   hashlib.file_digest(fh, "sha256").hexdigest()]
+                os.fsync(fh.fileno())
+    write_atomic(path / MANIFEST, json.dumps({"files": files}, indent=0) + "\n")
 
 
 def damage(path: Path) -> str | None:
@@ -146,8 +138,7 @@ class Checkpointer:
                 (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
                 state = {**trainer_state, "step": step, "world_size": self.env.world_size}
                 (tmp / TRAINER_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
-                _write_manifest(tmp)
-                _fsync_tree(tmp)
+                _seal(tmp)
             except OSError as e:
                 error = e
         if any_rank(error is not None, self.env.device):
@@ -156,9 +147,9 @@ class Checkpointer:
             if final.exists():  # the same step saved again (e.g. the end of a resumed run): replace it whole
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_atomic(self.root / LATEST, name + "\n")
+            write_atomic(self.root / LATEST, name + "\n")
             if best:
-                _write_atomic(self.root / BEST, name + "\n")
+                write_atomic(self.root / BEST, name + "\n")
             self._prune()
         barrier()
         return final

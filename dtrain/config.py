@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from dtrain.errors import DtrainError
+from dtrain.files import write_atomic
 
 
 class ConfigError(DtrainError):
@@ -453,9 +454,7 @@ def save_run_config(cfg: Config, run_dir: str | os.PathLike | None = None) -> Pa
         while (out_dir / f"config.{n}.yaml").exists():
             n += 1
         os.replace(target, out_dir / f"config.{n}.yaml")
-    tmp = out_dir / f".config.yaml.tmp-{os.getpid()}"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
+    write_atomic(target, text)
     return target
 
 

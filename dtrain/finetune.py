@@ -13,6 +13,7 @@ from dtrain import runner
 from dtrain.data.tasks import FinetuneCollator, LabelMap
 from dtrain.errors import DtrainError
 from dtrain.evaluation import Evaluator, scalar_metrics
+from dtrain.files import write_atomic
 from dtrain.logging import training_flops_per_token
 from dtrain.metrics import format_report
 from dtrain.model.bert import fresh_summary
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if env.is_main:
                 print(format_report(report["test"], f"test set {cfg.data.test}, model of step {trainer.model_step}"))
         if env.is_main:
-            (Path(cfg.run_dir) / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+            write_atomic(Path(cfg.run_dir) / "report.json", json.dumps(report, indent=1, default=float) + "\n")
         runner.write_status(cfg, env, "finished", trainer, model_step=trainer.model_step,
                             test=scalar_metrics(report["test"]) if "test" in report else None)
         trainer.logger.close()

@@ -17,6 +17,7 @@ from dtrain.data.stream import StreamingDataset, StreamLoader
 from dtrain.data.tasks import FinetuneCollator, LabelMap
 from dtrain.errors import DtrainError
 from dtrain.evaluation import Evaluator, decode_answer, scalar_metrics
+from dtrain.files import write_atomic
 from dtrain.metrics import entity_spans, format_report
 from dtrain.model.bert import quiet_transformers
 from dtrain.model.heads import HF_CLASS, Head, export_dir_of
@@ -194,6 +195,4 @@ def _write_new(out: Path, text: str, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise DtrainError(f"--output {out} exists; pass --overwrite or choose another file")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    write_atomic(out, text)

@@ -24,6 +24,7 @@ from dtrain.data.stream import StreamingDataset, StreamLoader
 from dtrain.distributed import DistEnv, catch_stop_signals, init_distributed
 from dtrain.engine import build_engine
 from dtrain.errors import DtrainError
+from dtrain.files import write_atomic
 from dtrain.logging import RunLogger, peak_flops
 from dtrain.model.presets import PRESETS
 from dtrain.trainer import Objective, Trainer
@@ -145,10 +146,7 @@ def write_status(cfg: Config, env: DistEnv, state: str, trainer: Trainer, **extr
         return
     status = {"state": state, "step": trainer.state.step, "total_steps": trainer.total_steps,
               "eval": trainer.state.history[-1] if trainer.state.history else None, **extra}
-    path = Path(cfg.run_dir) / "status.json"
-    tmp = path.with_name(f".status.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(status, default=float) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(Path(cfg.run_dir) / "status.json", json.dumps(status, default=float) + "\n")
 
 
 def main_guard(main: Callable[[], int]) -> int:
