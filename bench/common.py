@@ -33,7 +33,9 @@ def git_commit() -> str:
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
-    return git("rev-parse", "--short", "HEAD") + (" (+ uncommitted changes)" if git("status", "--porcelain") else "")
+    # BENCHMARKS.md itself is rewritten section by section during `make bench`: not a change to what is measured
+    dirty = git("status", "--porcelain", "--", ".", ":!BENCHMARKS.md")
+    return git("rev-parse", "--short", "HEAD") + (" (+ uncommitted changes)" if dirty else "")
 
 
 def machine_line(*packages: str) -> str:
@@ -58,6 +60,25 @@ def _memory_gib() -> float:
         return kb / 2 ** 20
     except (OSError, AttributeError):
         return 0.0
+
+
+def busy_elsewhere(seconds: float = 1.0, samples: int = 10) -> float:
+    """Mean number of runnable processes other than this one (and its children) over `seconds`: other work on the
+    cores. (The load average would count this benchmark's own processes and decay from the previous one.)"""
+    me = os.getpid()
+    counts = []
+    for _ in range(samples):
+        n = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            pid, state, ppid = int(stat.parent.name), fields[0], int(fields[1])
+            n += state == "R" and me not in (pid, ppid)
+        counts.append(n)
+        time.sleep(seconds / samples)
+    return float(np.mean(counts))
 
 
 def median(values: list[float]) -> float:

@@ -207,6 +207,8 @@ def report(results: dict, args: argparse.Namespace, wall: float) -> str:
                         f"{ratios[model, engine]:.2f}× | {common.median([r['s_per_step'] for r in rs]):.0f} |")
     if ("large", "ZeRO-3") in ratios:
         goal = common.ratio_goal("DDP for bert-large, ZeRO-3", ratios["large", "ZeRO-3"], 0.6, higher_is_better=False)
+    offload_missing = "failed here (see the table)." if OFFLOAD in args.engines.split(",") else \
+        "not in this run (`--engines`; the default runs it)."
     offload_ran = any(by.get(OFFLOAD) and "failed" not in by[OFFLOAD][-1] for by in results.values())
     return "\n".join([
         "## Memory per rank (`bench/memory.py`)",
@@ -238,7 +240,7 @@ def report(results: dict, args: argparse.Namespace, wall: float) -> str:
         f"- {OFFLOAD}: " + ("DeepSpeed accepts `offload_optimizer`/`offload_param` (device cpu) on a CPU-only "
                             "machine and trains, but the accelerator already is the CPU, so nothing leaves the "
                             "process, and with `offload_optimizer` ZeRO-3 clones its fp32 partition instead of "
-                            "sharing it with the parameters." if offload_ran else "did not run here (see the table)."),
+                            "sharing it with the parameters." if offload_ran else offload_missing),
         "",
         common.reproduce("bench/memory.py"),
     ])

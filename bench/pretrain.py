@@ -211,14 +211,14 @@ def report(runs: dict[str, list[dict]], peak: list[float], flops: dict[str, floa
     best_mfu = max(("dtrain1", "dtrain2"), key=lambda s: med[s]["mfu"])
     mfu = med[best_mfu]["mfu"] * 100
     threads = os.environ.get("OMP_NUM_THREADS", "1, torchrun's default")
-    end_load = os.getloadavg()[0]
+    end_load = common.busy_elsewhere()
     return "\n".join([
         "## Pretraining throughput (`bench/pretrain.py`)", "",
-        common.machine_line("transformers", "deepspeed") + f" 1-minute load average {load:.1f} at the start, "
-        f"{end_load:.1f} at the end" + (" (other work shared these cores: every side ran slower than this machine "
-                                        "runs it alone, 2 processes get a larger share of contended cores than 1, and "
-                                        "MFU is against a peak measured under another load)." if max(load, end_load)
-                                       >= 1 else "."), "",
+        common.machine_line("transformers", "deepspeed") + f" Other runnable processes on the machine: {load:.1f} "
+        f"at the start, {end_load:.1f} at the end" + (" (other work shared these cores: every side ran slower than "
+                                                      "this machine runs it alone, and MFU is against a peak measured "
+                                                      "under another load)." if max(load, end_load) >= 0.5
+                                                      else " (a quiet machine)."), "",
         f"Settings: MiniLM weights (BertForPreTraining: MLM 15% + NSP) on the BBC example corpus, fp32, global batch "
         f"{BATCH}, seq {SEQ}, AdamW lr {LR:g}, warmup {WARMUP:g} + linear decay, weight decay {WEIGHT_DECAY:g}, sdpa "
         f"attention, seed {args.seed}. Each side runs {args.warmup} warm-up step(s), then measured ones: "
@@ -269,7 +269,7 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    started, load = time.perf_counter(), os.getloadavg()[0]
+    started, load = time.perf_counter(), common.busy_elsewhere()
     peak = common.cpu_matmul_peak()
     print(f"fp32 matmul peak: {common.spread([p / 1e9 for p in peak])} GFLOP/s", flush=True)
     corpus, model_dir = example_path("bbc_corpus"), example_path("minilm")

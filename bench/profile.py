@@ -1,0 +1,205 @@
+"""Where a pretraining step's time goes: dtrain's step beside HF's, under torch.profiler, in one process.
+
+  .venv/bin/python bench/profile.py                       # writes its section of BENCHMARKS.md
+  .venv/bin/python bench/profile.py --steps 1 --out /tmp/bench-profile.md           # smoke run
+
+The same work as bench/pretrain.py's 1-process sides, without the trainers around it: MiniLM BertForPreTraining, fp32,
+batch 32, seq 128, BBC example corpus, AdamW + clipping at 1.0. dtrain's step: its own batches (runner.stream +
+PretrainingCollator, as dtrain.pretrain builds them) through `pretraining_losses` (vocabulary head on the masked
+positions only) and dtrain's optimizer (`build_optimizer`: fused AdamW). HF's step: DataCollatorForLanguageModeling
+over bench/pretrain.py's NSP examples, `model(**batch)` (head on every position), torch AdamW as the HF Trainer builds
+it. Each side runs --warmup steps, then --steps profiled ones. Reported: milliseconds per step for forward, backward
+and optimizer (record_function ranges), and the self time of the operators grouped by kind, with the FLOP rate the
+matrix multiplications reach (the profiler's FLOP counts) against this machine's fp32 matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import common  # noqa: E402
+from bench.pretrain import BATCH, CONFIG, EPS, LR, SEQ, WEIGHT_DECAY, nsp_examples, overrides  # noqa: E402
+from dtrain.data.examples import example_path  # noqa: E402
+
+# operator kinds, by the name of the aten op (self time: each op counted once, where it runs)
+KINDS = [
+    ("matrix multiply (linear layers, heads)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("attention (SDPA kernels)", ("scaled_dot_product", "flash_attention")),
+    ("GELU", ("gelu",)),
+    ("LayerNorm", ("layer_norm",)),
+    ("softmax / cross-entropy", ("softmax", "nll_loss", "cross_entropy")),
+    ("optimizer kernels (AdamW, grad norm, clipping)", ("adam", "_foreach", "norm", "clamp")),
+    ("dropout", ("dropout", "bernoulli", "native_dropout")),
+    ("embeddings", ("embedding",)),
+]
+MATMUL = KINDS[0][1]
+
+
+def kind_of(name: str) -> str:
+    for kind, keys in KINDS:
+        if name in keys or any(k in name for k in keys if not k.startswith("aten::")):
+            return kind
+    return "everything else (copies, adds, reductions, autograd bookkeeping)"
+
+
+def dtrain_side(shards: Path, model_dir: Path, n: int, seed: int) -> tuple[torch.nn.Module, Callable, list[dict],
+                                                                             torch.optim.Optimizer]:
+    from types import SimpleNamespace
+
+    from dtrain import runner
+    from dtrain.config import load_config
+    from dtrain.data.prepare import load_tokenizer
+    from dtrain.data.pretraining import PretrainingCollator
+    from dtrain.data.shards import ShardedDataset
+    from dtrain.model.bert import pretraining_losses, pretraining_model
+    from dtrain.optim import build_optimizer
+
+    cfg = load_config(REPO / CONFIG, overrides(shards, model_dir, Path("unused"), 1, 1000, seed))
+    d, data = cfg.data, ShardedDataset(shards)
+    collate = PretrainingCollator(data, load_tokenizer(model_dir), d.max_seq_len, cfg.seed, d.mlm_probability,
+                                  d.max_predictions_per_seq, d.whole_word_masking, d.nsp_probability,
+                                  pad_to_multiple_of=1)
+    env = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    loader = runner.stream(cfg, data, collate, env, train=True)
+    loader.num_workers = 0
+    model, _ = pretraining_model(str(model_dir), attn_implementation="sdpa")
+
+    def loss(batch: dict) -> torch.Tensor:
+        parts = pretraining_losses(model, batch)
+        return parts["mlm"] / (batch["mlm_labels"] != -100).sum() + parts["nsp"] / len(batch["input_ids"])
+
+    batches = list(itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), n))
+    return model, loss, batches, build_optimizer(model, cfg.optim)
+
+
+def hf_side(corpus: Path, model_dir: Path, n: int, seed: int) -> tuple[torch.nn.Module, Callable, list[dict],
+                                                                         torch.optim.Optimizer]:
+    import transformers as hf
+
+    tok = hf.AutoTokenizer.from_pretrained(str(model_dir))
+    examples = nsp_examples(corpus, tok, n * BATCH, seed)
+    mlm = hf.DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
+    batches = [mlm(examples[i:i + BATCH]) for i in range(0, len(examples), BATCH)]
+    model = hf.BertForPreTraining.from_pretrained(str(model_dir), attn_implementation="sdpa")
+    decay = [p for name, p in model.named_parameters() if "bias" not in name and "LayerNorm" not in name]
+    rest = [p for name, p in model.named_parameters() if "bias" in name or "LayerNorm" in name]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest,
+                                   "weight_decay": 0.0}], lr=LR, eps=EPS)  # as the HF Trainer builds it
+    return model, lambda batch: model(**batch).loss, batches, optimizer
+
+
+def profile_side(model: torch.nn.Module, loss_fn: Callable, batches: list[dict], optimizer: torch.optim.Optimizer,
+                 warmup: int, steps: int) -> dict:
+    """Batches are made before any step, so the data pipeline is not in the times."""
+    model.train()
+    batches = iter(batches)
+
+    def step() -> None:
+        batch = next(batches)
+        with record_function("forward"):
+            loss = loss_fn(batch)
+        with record_function("backward"):
+            loss.backward()
+        with record_function("optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        for _ in range(steps):
+            step()
+    wall = (time.perf_counter() - t0) / steps
+    phases, kinds, flops, mm_us = {}, defaultdict(float), 0.0, 0.0
+    for e in prof.key_averages():
+        if e.key in ("forward", "backward", "optimizer"):
+            phases[e.key] = e.cpu_time_total / 1e3 / steps
+            continue
+        kinds[kind_of(e.key)] += e.self_cpu_time_total / 1e3 / steps
+        if e.key in MATMUL:
+            flops += e.flops
+            mm_us += e.self_cpu_time_total
+    return {"wall_ms": wall * 1e3, "phases": phases, "kinds": dict(kinds),
+            "matmul_flops_per_s": flops / (mm_us / 1e6) if mm_us else 0.0, "matmul_gflop": flops / steps / 1e9}
+
+
+def report(results: dict[str, dict], peak: list[float], args: argparse.Namespace) -> str:
+    d, h = results["dtrain"], results["hf"]
+    rows = ["| | dtrain | HF | dtrain / HF |", "|---|---|---|---|",
+            f"| whole step (profiled, wall) | {d['wall_ms']:,.0f} ms | {h['wall_ms']:,.0f} ms | "
+            f"{d['wall_ms'] / h['wall_ms']:.2f} |"]
+    for phase in ("forward", "backward", "optimizer"):
+        a, b = d["phases"].get(phase, 0.0), h["phases"].get(phase, 0.0)
+        rows.append(f"| {phase} | {a:,.0f} ms | {b:,.0f} ms | {a / b if b else float('nan'):.2f} |")
+    names = [k for k, _ in KINDS] + [kind_of("?")]
+    kinds = ["| operator kind (self time per step) | dtrain | HF |", "|---|---|---|"]
+    total = {s: sum(results[s]["kinds"].values()) for s in results}
+    for name in names:
+        a, b = d["kinds"].get(name, 0.0), h["kinds"].get(name, 0.0)
+        kinds.append(f"| {name} | {a:,.0f} ms ({a / total['dtrain']:.0%}) | {b:,.0f} ms ({b / total['hf']:.0%}) |")
+    p = common.median(peak)
+    mm = [f"- matrix multiplications: dtrain {d['matmul_gflop']:,.0f} GFLOP per step at "
+          f"{d['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s ({d['matmul_flops_per_s'] / p:.0%} of the peak); HF "
+          f"{h['matmul_gflop']:,.0f} GFLOP at {h['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s "
+          f"({h['matmul_flops_per_s'] / p:.0%}). fp32 matmul peak of this machine: "
+          f"{common.spread([x / 1e9 for x in peak])} GFLOP/s."]
+    return "\n".join([
+        "## Where a pretraining step's time goes (profile)", "",
+        common.machine_line("transformers"), "",
+        f"MiniLM BertForPreTraining, fp32, batch {BATCH}, seq {SEQ}, AdamW + clipping, 1 process with "
+        f"{torch.get_num_threads()} threads; torch.profiler over {args.steps} steps after {args.warmup} warm-up "
+        "(the profiler adds a little time to each). dtrain: its batches, masked-position MLM head, fused AdamW; HF: "
+        "DataCollatorForLanguageModeling batches, full-vocabulary head on all 128 positions, AdamW as the Trainer "
+        "builds it.", "", *rows, "", *kinds, "", *mm, "", common.reproduce("bench/profile.py")])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3, help="profiled steps per side")
+    ap.add_argument("--warmup", type=int, default=2, help="steps run first, not profiled")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--out", default=str(common.BENCHMARKS))
+    args = ap.parse_args()
+    if args.steps < 1 or args.warmup < 1:
+        ap.error("--steps and --warmup must be >= 1")
+    os.environ.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    from transformers.utils import logging as hf_logging
+
+    from dtrain.data.prepare import prepare_pretrain
+
+    hf_logging.set_verbosity_error()
+    peak = common.cpu_matmul_peak()
+    corpus, model_dir = example_path("bbc_corpus"), example_path("minilm")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="dtrain-bench-prof-") as tmp:
+        shards = Path(tmp) / "shards"
+        prepare_pretrain([str(corpus)], shards, str(model_dir), max_seq_len=SEQ, overwrite=True)
+        torch.manual_seed(args.seed)
+        results["dtrain"] = profile_side(*dtrain_side(shards, model_dir, args.warmup + args.steps, args.seed),
+                                         args.warmup, args.steps)
+        torch.manual_seed(args.seed)
+        results["hf"] = profile_side(*hf_side(corpus, model_dir, args.warmup + args.steps, args.seed), args.warmup,
+                                     args.steps)
+    body = report(results, peak, args)
+    print(body)
+    common.write_section("profile", body, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
