@@ -55,7 +55,7 @@ bench: install
 	$(VENV)/bin/dtrain fetch-examples --only minilm bbc_corpus sentiment_en
 	$(VENV)/bin/python bench/data.py
 	$(VENV)/bin/python bench/pretrain.py
-	$(VENV)/bin/python bench/profile.py
+	$(VENV)/bin/python bench/step_profile.py
 	$(VENV)/bin/python bench/finetune.py --max-samples 1000 --reps 3
 	$(VENV)/bin/python bench/memory.py --engines DDP,ZeRO-2,ZeRO-3
 	DTRAIN_PYTHON=$(VENV)/bin/python bench/gpu.sh

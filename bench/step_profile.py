@@ -1,16 +1,17 @@
 """Where a pretraining step's time goes: dtrain's step beside HF's, under torch.profiler, in one process.
 
-  .venv/bin/python bench/profile.py                       # writes its section of BENCHMARKS.md
-  .venv/bin/python bench/profile.py --steps 1 --out /tmp/bench-profile.md           # smoke run
+  .venv/bin/python bench/step_profile.py                       # writes its section of BENCHMARKS.md
+  .venv/bin/python bench/step_profile.py --steps 1 --out /tmp/bench-profile.md           # smoke run
 
 The same work as bench/pretrain.py's 1-process sides, without the trainers around it: MiniLM BertForPreTraining, fp32,
 batch 32, seq 128, BBC example corpus, AdamW + clipping at 1.0. dtrain's step: its own batches (runner.stream +
 PretrainingCollator, as dtrain.pretrain builds them) through `pretraining_losses` (vocabulary head on the masked
 positions only) and dtrain's optimizer (`build_optimizer`: fused AdamW). HF's step: DataCollatorForLanguageModeling
 over bench/pretrain.py's NSP examples, `model(**batch)` (head on every position), torch AdamW as the HF Trainer builds
-it. Each side runs --warmup steps, then --steps profiled ones. Reported: milliseconds per step for forward, backward
-and optimizer (record_function ranges), and the self time of the operators grouped by kind, with the FLOP rate the
-matrix multiplications reach (the profiler's FLOP counts) against this machine's fp32 matmul peak.
+it. In each of --rounds alternating rounds, each side runs --warmup steps, then --steps profiled ones; the last round
+is reported: milliseconds per step for forward, backward and optimizer (record_function ranges), and the self time of
+the operators grouped by kind, with the FLOP rate the matrix multiplications reach (the profiler's FLOP counts)
+against this machine's fp32 matmul peak.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -38,10 +39,11 @@ from dtrain.data.examples import example_path  # noqa: E402
 # operator kinds, by the name of the aten op (self time: each op counted once, where it runs)
 KINDS = [
     ("matrix multiply (linear layers, heads)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
-    ("attention (SDPA kernels)", ("scaled_dot_product", "flash_attention")),
+    ("fused attention kernels (SDPA's own; with a padding mask on a CPU it runs as bmm + softmax instead)",
+     ("scaled_dot_product", "flash_attention")),
     ("GELU", ("gelu",)),
     ("LayerNorm", ("layer_norm",)),
-    ("softmax / cross-entropy", ("softmax", "nll_loss", "cross_entropy")),
+    ("softmax (attention) / cross-entropy", ("softmax", "nll_loss", "cross_entropy")),
     ("optimizer kernels (AdamW, grad norm, clipping)", ("adam", "_foreach", "norm", "clamp")),
     ("dropout", ("dropout", "bernoulli", "native_dropout")),
     ("embeddings", ("embedding",)),
@@ -102,11 +104,10 @@ def hf_side(corpus: Path, model_dir: Path, n: int, seed: int) -> tuple[torch.nn.
     return model, lambda batch: model(**batch).loss, batches, optimizer
 
 
-def profile_side(model: torch.nn.Module, loss_fn: Callable, batches: list[dict], optimizer: torch.optim.Optimizer,
-                 warmup: int, steps: int) -> dict:
-    """Batches are made before any step, so the data pipeline is not in the times."""
+def profile_side(model: torch.nn.Module, loss_fn: Callable, batches: Iterator[dict],
+                 optimizer: torch.optim.Optimizer, warmup: int, steps: int) -> dict:
+    """Batches were made before any step, so the data pipeline is not in the times."""
     model.train()
-    batches = iter(batches)
 
     def step() -> None:
         batch = next(batches)
@@ -157,27 +158,30 @@ def report(results: dict[str, dict], peak: list[float], args: argparse.Namespace
     mm = [f"- matrix multiplications: dtrain {d['matmul_gflop']:,.0f} GFLOP per step at "
           f"{d['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s ({d['matmul_flops_per_s'] / p:.0%} of the peak); HF "
           f"{h['matmul_gflop']:,.0f} GFLOP at {h['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s "
-          f"({h['matmul_flops_per_s'] / p:.0%}). fp32 matmul peak of this machine: "
+          f"({h['matmul_flops_per_s'] / p:.0%}). fp32 matmul peak of this machine (median of 5 measurements before "
+          f"and 5 after the profile; above 100% means the machine ran faster during the profile than when measured): "
           f"{common.spread([x / 1e9 for x in peak])} GFLOP/s."]
     return "\n".join([
         "## Where a pretraining step's time goes (profile)", "",
         common.machine_line("transformers"), "",
         f"MiniLM BertForPreTraining, fp32, batch {BATCH}, seq {SEQ}, AdamW + clipping, 1 process with "
-        f"{torch.get_num_threads()} threads; torch.profiler over {args.steps} steps after {args.warmup} warm-up "
-        "(the profiler adds a little time to each). dtrain: its batches, masked-position MLM head, fused AdamW; HF: "
+        f"{torch.get_num_threads()} threads; torch.profiler over {args.steps} steps after {args.warmup} warm-up, in "
+        f"the last of {args.rounds} alternating rounds (the profiler adds a little time to each step). dtrain: its "
+        "batches, masked-position MLM head, fused AdamW; HF: "
         "DataCollatorForLanguageModeling batches, full-vocabulary head on all 128 positions, AdamW as the Trainer "
-        "builds it.", "", *rows, "", *kinds, "", *mm, "", common.reproduce("bench/profile.py")])
+        "builds it.", "", *rows, "", *kinds, "", *mm, "", common.reproduce("bench/step_profile.py")])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3, help="profiled steps per side")
-    ap.add_argument("--warmup", type=int, default=2, help="steps run first, not profiled")
+    ap.add_argument("--warmup", type=int, default=1, help="steps run first, not profiled, in each round")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of (dtrain, HF); the last one is reported")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default=str(common.BENCHMARKS))
     args = ap.parse_args()
-    if args.steps < 1 or args.warmup < 1:
-        ap.error("--steps and --warmup must be >= 1")
+    if min(args.steps, args.warmup, args.rounds) < 1:
+        ap.error("--steps, --warmup and --rounds must be >= 1")
     os.environ.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     from transformers.utils import logging as hf_logging
 
@@ -190,12 +194,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dtrain-bench-prof-") as tmp:
         shards = Path(tmp) / "shards"
         prepare_pretrain([str(corpus)], shards, str(model_dir), max_seq_len=SEQ, overwrite=True)
+        n = args.rounds * (args.warmup + args.steps)
         torch.manual_seed(args.seed)
-        results["dtrain"] = profile_side(*dtrain_side(shards, model_dir, args.warmup + args.steps, args.seed),
-                                         args.warmup, args.steps)
+        sides = {"dtrain": dtrain_side(shards, model_dir, n, args.seed)}
         torch.manual_seed(args.seed)
-        results["hf"] = profile_side(*hf_side(corpus, model_dir, args.warmup + args.steps, args.seed), args.warmup,
-                                     args.steps)
+        sides["hf"] = hf_side(corpus, model_dir, n, args.seed)
+        batches = {name: iter(side[2]) for name, side in sides.items()}
+        for _ in range(args.rounds):  # alternated, so neither side alone pays for a cold allocator or cache
+            for name, (model, loss, _, optimizer) in sides.items():
+                results[name] = profile_side(model, loss, batches[name], optimizer, args.warmup, args.steps)
+    peak += common.cpu_matmul_peak()  # before and after: this shared VM's speed drifts by up to ±20% over minutes
     body = report(results, peak, args)
     print(body)
     common.write_section("profile", body, Path(args.out))
