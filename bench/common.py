@@ -10,6 +10,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,21 +63,23 @@ def _memory_gib() -> float:
         return 0.0
 
 
+def processes() -> Iterator[tuple[int, str, int]]:
+    """(pid, state, parent pid) of every process, from /proc/<pid>/stat (ones that exit meanwhile are skipped)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (OSError, IndexError):
+            continue
+        yield int(stat.parent.name), fields[0], int(fields[1])
+
+
 def busy_elsewhere(seconds: float = 1.0, samples: int = 10) -> float:
     """Mean number of runnable processes other than this one (and its children) over `seconds`: other work on the
     cores. (The load average would count this benchmark's own processes and decay from the previous one.)"""
     me = os.getpid()
     counts = []
     for _ in range(samples):
-        n = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            pid, state, ppid = int(stat.parent.name), fields[0], int(fields[1])
-            n += state == "R" and me not in (pid, ppid)
-        counts.append(n)
+        counts.append(sum(state == "R" and me not in (pid, ppid) for pid, state, ppid in processes()))
         time.sleep(seconds / samples)
     return float(np.mean(counts))
 

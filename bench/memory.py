@@ -67,16 +67,16 @@ NOTES = [
 def workers(parent: int) -> dict[int, tuple[int, str]]:
     """{RANK: (pid, MASTER_PORT)} of the direct children of `parent` that torchrun started."""
     out = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for pid, _, ppid in common.processes():
+        if ppid != parent:
+            continue
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != parent:
-                continue
-            env = dict(e.decode().split("=", 1) for e in (stat.parent / "environ").read_bytes().split(b"\0")
+            env = dict(e.decode().split("=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                        if e.split(b"=", 1)[0] in (b"RANK", b"MASTER_PORT"))
-        except (OSError, IndexError, ValueError):
+        except (OSError, ValueError):
             continue
         if "RANK" in env:
-            out[int(env["RANK"])] = (int(stat.parent.name), env.get("MASTER_PORT", ""))
+            out[int(env["RANK"])] = (pid, env.get("MASTER_PORT", ""))
     return out
 
 

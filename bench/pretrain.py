@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -140,9 +141,10 @@ def run_hf(model_dir: Path, tok, examples: list[dict], args, work: Path) -> dict
     return rates(args.hf_steps * BATCH, sum(t for t, _ in done), sum(p for _, p in done), seconds)
 
 
-def dtrain_tokens(shards: Path, model_dir: Path, nproc: int, steps: int, seed: int) -> list[tuple[int, int]]:
-    """(non-padding, padded) tokens of each optimizer step of the dtrain run, summed over ranks: the same
-    micro-batches rebuilt here with runner.stream and the collator as dtrain/pretrain.py makes it."""
+def dtrain_batches(shards: Path, model_dir: Path, nproc: int, rank: int, steps: int,
+                   seed: int) -> tuple[Any, list[dict]]:
+    """(config, the first `steps` micro-batches of `rank`) of the dtrain run with these settings, rebuilt here with
+    runner.stream and the collator as dtrain/pretrain.py makes them (without worker processes: the same batches)."""
     from dtrain import runner
     from dtrain.config import load_config
     from dtrain.data.prepare import load_tokenizer
@@ -154,12 +156,17 @@ def dtrain_tokens(shards: Path, model_dir: Path, nproc: int, steps: int, seed: i
     collate = PretrainingCollator(data, load_tokenizer(model_dir), d.max_seq_len, cfg.seed, d.mlm_probability,
                                   d.max_predictions_per_seq, d.whole_word_masking, d.nsp_probability,
                                   pad_to_multiple_of=1)  # as dtrain.pretrain on a CPU
+    env = SimpleNamespace(rank=rank, world_size=nproc, device=torch.device("cpu"))
+    loader = runner.stream(cfg, data, collate, env, train=True)
+    loader.num_workers = 0
+    return cfg, list(itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps))
+
+
+def dtrain_tokens(shards: Path, model_dir: Path, nproc: int, steps: int, seed: int) -> list[tuple[int, int]]:
+    """(non-padding, padded) tokens of each optimizer step of the dtrain run, summed over ranks."""
     out = [[0, 0] for _ in range(steps)]
     for rank in range(nproc):
-        env = SimpleNamespace(rank=rank, world_size=nproc, device=torch.device("cpu"))
-        loader = runner.stream(cfg, data, collate, env, train=True)
-        loader.num_workers = 0  # the same batches, in the same order, without worker processes
-        for step, batch in enumerate(itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps)):
+        for step, batch in enumerate(dtrain_batches(shards, model_dir, nproc, rank, steps, seed)[1]):
             out[step][0] += int(batch["attention_mask"].sum())
             out[step][1] += batch["attention_mask"].numel()
     return [tuple(t) for t in out]

@@ -17,7 +17,6 @@ against this machine's fp32 matmul peak.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 import tempfile
@@ -33,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from bench.pretrain import BATCH, CONFIG, EPS, LR, SEQ, WEIGHT_DECAY, nsp_examples, overrides  # noqa: E402
+from bench.pretrain import BATCH, EPS, LR, SEQ, WEIGHT_DECAY, dtrain_batches, nsp_examples  # noqa: E402
 from dtrain.data.examples import example_path  # noqa: E402
 
 # operator kinds, by the name of the aten op (self time: each op counted once, where it runs)
@@ -60,31 +59,16 @@ def kind_of(name: str) -> str:
 
 def dtrain_side(shards: Path, model_dir: Path, n: int, seed: int) -> tuple[torch.nn.Module, Callable, list[dict],
                                                                              torch.optim.Optimizer]:
-    from types import SimpleNamespace
-
-    from dtrain import runner
-    from dtrain.config import load_config
-    from dtrain.data.prepare import load_tokenizer
-    from dtrain.data.pretraining import PretrainingCollator
-    from dtrain.data.shards import ShardedDataset
-    from dtrain.model.bert import pretraining_losses, pretraining_model
+    from dtrain.model.bert import pretraining_counts, pretraining_losses, pretraining_model
     from dtrain.optim import build_optimizer
 
-    cfg = load_config(REPO / CONFIG, overrides(shards, model_dir, Path("unused"), 1, 1000, seed))
-    d, data = cfg.data, ShardedDataset(shards)
-    collate = PretrainingCollator(data, load_tokenizer(model_dir), d.max_seq_len, cfg.seed, d.mlm_probability,
-                                  d.max_predictions_per_seq, d.whole_word_masking, d.nsp_probability,
-                                  pad_to_multiple_of=1)
-    env = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
-    loader = runner.stream(cfg, data, collate, env, train=True)
-    loader.num_workers = 0
+    cfg, batches = dtrain_batches(shards, model_dir, 1, 0, n, seed)
     model, _ = pretraining_model(str(model_dir), attn_implementation="sdpa")
 
-    def loss(batch: dict) -> torch.Tensor:
-        parts = pretraining_losses(model, batch)
-        return parts["mlm"] / (batch["mlm_labels"] != -100).sum() + parts["nsp"] / len(batch["input_ids"])
+    def loss(batch: dict) -> torch.Tensor:  # per-target means, as the trainer normalises a 1-process step
+        parts, counts = pretraining_losses(model, batch), pretraining_counts(batch)
+        return parts["mlm"] / counts["mlm"] + parts["nsp"] / counts["nsp"]
 
-    batches = list(itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), n))
     return model, loss, batches, build_optimizer(model, cfg.optim)
 
 
