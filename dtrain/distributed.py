@@ -1,14 +1,23 @@
-"""Process group from torchrun or Slurm, device choice, the collectives the loop needs, clean teardown."""
+"""Process group from torchrun or Slurm, device choice, the collectives the loop needs, clean teardown, and what a
+run across several hosts needs: who runs where (`world()`: host, address and interface of every rank, printed at
+start), the checks that every node agrees (same processes per node, one shared run dir) and the one line that names
+the rank and host a failed collective lost."""
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -76,6 +85,174 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.S
     return dist.PrefixStore(f"dtrain/attempt-{attempt}", store)
 
 
+@dataclass(frozen=True)
+class Peer:
+    """One rank of the world: where it runs and which address its collectives use."""
+
+    rank: int
+    node_rank: int
+    host: str
+    address: str
+    interface: str
+    local_world_size: int
+
+
+_WORLD: list[Peer] = []  # every rank's Peer, gathered once at init (empty for a single process)
+
+
+def _ipv4_of(interface: str) -> str | None:
+    import fcntl
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", interface[:15].encode()))  # SIOCGIFADDR
+        return socket.inet_ntoa(packed[20:24])
+    except OSError:
+        return None
+
+
+def network_interface(backend: str) -> tuple[str, str]:
+    """(interface, address) this process's collectives use: the interface named by GLOO_SOCKET_IFNAME /
+    NCCL_SOCKET_IFNAME, else (gloo's own rule) the address this host's name resolves to."""
+    variable = "NCCL_SOCKET_IFNAME" if backend == "nccl" else "GLOO_SOCKET_IFNAME"
+    if os.environ.get(variable):
+        name = os.environ[variable].split(",")[0].lstrip("=^")
+        return f"{name} ({variable})", _ipv4_of(name) or "?"
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "?", "?"
+    names = [n for _, n in socket.if_nameindex() if _ipv4_of(n) == address]
+    return (names[0] if names else "?"), address
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_interface_before_init(backend: str) -> None:
+    """Several hosts and a hostname that resolves to loopback (Debian's 127.0.1.1): gloo would offer the other
+    hosts 127.0.1.1 and the group would hang until the timeout. Say so before joining."""
+    world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 0) or 0)
+    if backend != "gloo" or not local or world <= local or os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    interface, address = network_interface(backend)
+    if _is_loopback(address):
+        raise DtrainError(f"this host's name {socket.gethostname()} resolves to {address}, a loopback address, but "
+                          f"the run spans several hosts: set GLOO_SOCKET_IFNAME to the interface of the cluster "
+                          f"network (e.g. GLOO_SOCKET_IFNAME=eth0), or fix the host's name resolution")
+
+
+def _node_rank() -> int:
+    for key in ("GROUP_RANK", "SLURM_NODEID"):  # torchrun's node rank, else srun's
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _gather_world(env: DistEnv) -> None:
+    """Every rank's Peer on every rank; rank 0 prints who runs where; nodes must run the same number of ranks."""
+    _WORLD.clear()
+    if env.world_size == 1:
+        return
+    interface, address = network_interface(env.backend)
+    mine = Peer(env.rank, _node_rank(), socket.gethostname(), address, interface,
+                int(os.environ.get("LOCAL_WORLD_SIZE", 0) or 0))
+    box: list[Any] = [None] * env.world_size
+    dist.all_gather_object(box, mine)
+    _WORLD.extend(sorted(box, key=lambda p: p.rank))
+    nodes: dict[tuple[int, str], list[Peer]] = {}
+    for peer in _WORLD:
+        nodes.setdefault((peer.node_rank, peer.host), []).append(peer)
+    if env.is_main:
+        described = "; ".join(f"node rank {n} {h} {ps[0].address} ({ps[0].interface}): rank"
+                              f"{'s' if len(ps) > 1 else ''} {','.join(str(p.rank) for p in ps)}"
+                              for (n, h), ps in sorted(nodes.items()))
+        print(f"dtrain: world size {env.world_size} on {len(nodes)} node{'s' if len(nodes) > 1 else ''} "
+              f"({env.backend}): {described}", file=sys.stderr, flush=True)
+    counts = {host: ps[0].local_world_size or len(ps) for (_, host), ps in sorted(nodes.items(), key=lambda n: n[0][1])}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{host} {n}" for host, n in counts.items())
+        raise DtrainError(f"the nodes run different numbers of processes ({listed}): DTRAIN_NPROC_PER_NODE (or the "
+                          f"GPUs per node) differs between nodes; give every node the same number (torchrun "
+                          f"--nproc-per-node)")
+
+
+def world() -> list[Peer]:
+    """Every rank's host and address (gathered at init; empty for a single process)."""
+    return list(_WORLD)
+
+
+def check_shared_dir(path: Path, key: str, timeout_s: float = 10.0) -> None:
+    """Across several hosts, `path` must be on a filesystem every node sees at the same path (checkpoints, the
+    stream's position and status.json are written by one rank and read by all). Rank 0 writes a marker next to it
+    (in the nearest existing folder; removed again, so an earlier run dir stays as it was) and every rank reads it."""
+    if len({p.host for p in _WORLD}) < 2:
+        return
+    marker, error = None, None
+    if dist.get_rank() == 0:
+        folder = path
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        marker = folder / f".dtrain-shared-check-{secrets.token_hex(8)}"
+        try:
+            marker.write_text(marker.name, encoding="utf-8")
+        except OSError as e:
+            error = f"{key}={path}: rank 0 cannot write in {folder} ({e.strerror}); point {key} at a writable " \
+                    f"shared folder"
+    marker, error = broadcast_object((marker, error))
+    if error:
+        raise DtrainError(error)
+    deadline = time.monotonic() + timeout_s  # a network filesystem may show a new file a moment later
+    while not (sees := _reads(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    box: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, (dist.get_rank(), socket.gethostname(), sees))
+    if dist.get_rank() == 0:
+        marker.unlink(missing_ok=True)
+    blind = [(rank, host) for rank, host, seen in box if not seen]
+    if blind:
+        who = ", ".join(f"rank {rank} on {host}" for rank, host in blind)
+        raise DtrainError(f"{key}={path} is not on a filesystem every node sees: rank 0 on {socket.gethostname()} "
+                          f"wrote {marker.name} in {marker.parent}, but {who} cannot read it; put {key} (and the "
+                          f"data) on a shared filesystem (NFS, Lustre, GPFS, ...) mounted at the same path on every "
+                          f"node")
+
+
+def _reads(marker: Path) -> bool:
+    try:
+        return marker.read_text(encoding="utf-8") == marker.name
+    except OSError:
+        return False
+
+
+_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused")
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """For a collective that failed because a peer's connection broke (its process or its node died): one
+    sentence naming the rank(s) and host(s) lost, from the address in the message; None for other errors."""
+    text = str(error)
+    if not any(k in text.lower() for k in _LOST):
+        return None
+    addresses = re.findall(r"\[?(\d{1,3}(?:\.\d{1,3}){3})\]?", text)
+    lost = [p for p in _WORLD if p.address in addresses]
+    reason = next(k for k in _LOST if k in text.lower())
+    if lost:
+        hosts = sorted({(p.host, p.address) for p in lost})
+        ranks = ",".join(str(p.rank) for p in lost)
+        where = "; ".join(f"{h} ({a})" for h, a in hosts)
+        what = f"lost rank{'s' if len(lost) > 1 else ''} {ranks} on {where}"
+    else:
+        what = f"lost a peer{' at ' + ', '.join(dict.fromkeys(addresses)) if addresses else ''}"
+    return f"{what}: a collective failed ({reason}), so that process or its node died; this rank stops too. " \
+           f"Resubmit the run: it resumes from checkpoints/latest, also on fewer nodes (the world size may change)"
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """Join (or create) the process group. CUDA → nccl and one GPU per local rank; CPU → gloo."""
     rank, world, local = _env_from_launcher()
@@ -96,10 +273,13 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        _check_interface_before_init(backend)
         timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
                                 store=_attempt_store(rank, world, timeout))
-    return DistEnv(rank, world, local, device, backend)
+    env = DistEnv(rank, world, local, device, backend)
+    _gather_world(env)
+    return env
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

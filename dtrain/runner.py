@@ -21,7 +21,7 @@ from dtrain.config import Config, load_config, save_run_config
 from dtrain.data.examples import example_or_path
 from dtrain.data.shards import ShardedDataset, tokenizer_fingerprint
 from dtrain.data.stream import StreamingDataset, StreamLoader
-from dtrain.distributed import DistEnv, catch_stop_signals, init_distributed
+from dtrain.distributed import DistEnv, catch_stop_signals, check_shared_dir, init_distributed, lost_peer
 from dtrain.engine import build_engine
 from dtrain.errors import DtrainError
 from dtrain.files import write_atomic
@@ -50,8 +50,9 @@ def parse(argv: Sequence[str] | None, prog: str) -> Config:
 
 
 def setup(cfg: Config) -> DistEnv:
-    env = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     _TIMEOUT[0] = cfg.parallel.timeout_s
+    env = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    check_shared_dir(Path(cfg.run_dir), "run_dir")
     cfg.model.name_or_path = example_or_path(cfg.model.name_or_path)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -164,6 +165,9 @@ def main_guard(main: Callable[[], int]) -> int:
         print(f"dtrain: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
+        if lost := lost_peer(e):
+            print(f"dtrain: error: {lost}", file=sys.stderr)
+            return 3
         if not _is_timeout(e):
             raise
         print(f"dtrain: error: a collective waited longer than parallel.timeout_s={_TIMEOUT[0]} s for the other "

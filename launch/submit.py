@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from launch.torchrun import LaunchError, torchrun_command
+from launch.torchrun import LaunchError, node_command
 
 PREEMPTED_GRACE_S = 60
 
@@ -52,8 +52,10 @@ class DtrainJob:
         env = dict(os.environ)
         if self.nproc_per_node:
             env["DTRAIN_NPROC_PER_NODE"] = str(self.nproc_per_node)
-        command = torchrun_command(self.entry, ["--config", self.config, *self.overrides], env)
-        print("launch.submit: " + " ".join(command), file=sys.stderr, flush=True)
+        command, rendezvous = node_command(self.entry, ["--config", self.config, *self.overrides], env)
+        for line in (rendezvous, " ".join(command)):
+            if line:
+                print("launch.submit: " + line, file=sys.stderr, flush=True)
         self._proc = subprocess.Popen(command, env=env)
         while self._proc.poll() is None:  # poll, not wait(): checkpoint() may run in between, in a signal handler
             time.sleep(0.5)
@@ -144,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(job.job_id)
         return 0
     try:
-        result = job.result()
+        result = job.results()[0]  # one task per node, each returns the run's status: node 0's
     except Exception as e:  # submitit re-raises the job's failure with its traceback text
         print(f"launch.submit: job {job.job_id} failed: {e}", file=sys.stderr)
         return 1

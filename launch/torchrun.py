@@ -1,9 +1,11 @@
 """One node's share of a run: the torchrun command for this node, derived from Slurm's environment (or one local
 node), then exec'd. slurm/*.sh run `srun --ntasks-per-node=1 python -m launch.torchrun dtrain.pretrain --config ...`;
-launch.submit builds the same command with `torchrun_command`.
+launch.submit builds the same command with `node_command`.
 
-- Rendezvous: c10d on the first host of `scontrol show hostnames $SLURM_JOB_NODELIST`, port $DTRAIN_RDZV_PORT
-  (default 15000 + job id mod 15000, so two jobs sharing a head node do not collide), id dtrain-<job id>.
+- Rendezvous: c10d on the first host of `scontrol show hostnames $SLURM_JOB_NODELIST` (the head node; override
+  with $DTRAIN_RDZV_HOST), port $DTRAIN_RDZV_PORT (default 15000 + job id mod 15000, so two jobs sharing a head node
+  do not collide), id dtrain-<job id>. Each node prints the endpoint with the address it resolves to; the head node
+  refuses a port that something already listens on, and another node refuses a head that resolves to loopback.
 - Processes per node: $DTRAIN_NPROC_PER_NODE, else the GPUs Slurm granted ($SLURM_GPUS_ON_NODE, else the entries of
   $CUDA_VISIBLE_DEVICES), else 1 CPU process.
 - Signals: torchrun forwards SIGTERM/SIGUSR1/SIGUSR2 (a scheduler's stop or warning) to its workers, which save at
@@ -13,7 +15,10 @@ launch.submit builds the same command with `torchrun_command`.
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -80,11 +85,67 @@ def torchrun_command(entry: str, args: Sequence[str], environ: Mapping[str, str]
             raise LaunchError("SLURM_JOB_ID is set but SLURM_JOB_NODELIST is not: run inside an sbatch/salloc job")
         nodes = _int(environ, "SLURM_JOB_NUM_NODES", 0, minimum=1) or _int(environ, "SLURM_NNODES", 1, minimum=1)
         port = _int(environ, "DTRAIN_RDZV_PORT", 15000 + _int(environ, "SLURM_JOB_ID", 0) % 15000, minimum=1)
-        command += [f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={hostnames(nodelist)[0]}:{port}",
+        head = environ.get("DTRAIN_RDZV_HOST") or hostnames(nodelist)[0]
+        command += [f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:{port}",
                     f"--rdzv-id=dtrain-{job}"]
     else:
         command += ["--standalone", "--nnodes=1"]
     return [*command, "-m", entry, *args]
+
+
+def rendezvous_endpoint(command: Sequence[str]) -> tuple[str, int] | None:
+    for arg in command:
+        if arg.startswith("--rdzv-endpoint="):
+            host, _, port = arg.removeprefix("--rdzv-endpoint=").rpartition(":")
+            return host, int(port)
+    return None
+
+
+def _is_head(host: str) -> bool:
+    here = socket.gethostname()
+    return host in (here, here.split(".")[0], "localhost") or host == _resolve(here)
+
+
+def _resolve(host: str) -> str | None:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return None
+
+
+def check_rendezvous(host: str, port: int, nodes: int, environ: Mapping[str, str]) -> str:
+    """The line this node prints about the rendezvous; raises LaunchError where the rendezvous cannot work."""
+    address = _resolve(host)
+    if address is None:
+        raise LaunchError(f"the rendezvous host {host} does not resolve on {socket.gethostname()}; fix the node's "
+                          f"name resolution (/etc/hosts, DNS) or set DTRAIN_RDZV_HOST to the head node's address")
+    if _is_head(host):
+        with socket.socket() as probe:  # SO_REUSEADDR: only a listening socket makes the bind fail
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("", port))
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                raise LaunchError(f"the rendezvous port {port} on the head node {host} is already in use (another job "
+                                  f"or service listens on it); set DTRAIN_RDZV_PORT to a free port") from None
+    elif nodes > 1 and ipaddress.ip_address(address).is_loopback:
+        raise LaunchError(f"the rendezvous host {host} resolves to {address} on {socket.gethostname()}, a loopback "
+                          f"address: the other nodes cannot reach it there; fix the name resolution or set "
+                          f"DTRAIN_RDZV_HOST to the head node's address on the cluster network")
+    node = environ.get("SLURM_NODEID", "0")
+    return f"node {node} of {nodes} ({socket.gethostname()}): rendezvous at {host}:{port} = {address}:{port}"
+
+
+def node_command(entry: str, args: Sequence[str], environ: Mapping[str, str] | None = None,
+                 python: str = sys.executable) -> tuple[list[str], str | None]:
+    """This node's torchrun command, checked, and the line to print about its rendezvous (None: standalone)."""
+    environ = os.environ if environ is None else environ
+    command = torchrun_command(entry, args, environ, python)
+    if (endpoint := rendezvous_endpoint(command)) is None:
+        return command, None
+    nodes = next(int(a.split("=")[1]) for a in command if a.startswith("--nnodes="))
+    return command, check_rendezvous(*endpoint, nodes, environ)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (__doc__ or ""), file=sys.stderr)
         return 0 if argv else 2
     try:
-        command = torchrun_command(argv[0], argv[1:])
+        command, rendezvous = node_command(argv[0], argv[1:])
+        if rendezvous:
+            print("launch.torchrun: " + rendezvous, file=sys.stderr, flush=True)
     except LaunchError as e:
         print(f"launch.torchrun: error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,8 @@
 #   DTRAIN_RUN_DIR          run dir (default: the config's run_dir); logs go to <run dir>/logs/slurm-<job id>.log
 #   DTRAIN_PYTHON           the Python that has dtrain installed (default: python3 on PATH)
 #   DTRAIN_NPROC_PER_NODE   processes per node (default: the GPUs Slurm granted, else 1 CPU process)
-#   DTRAIN_RDZV_PORT        rendezvous port on the first node (default: 15000 + job id mod 15000)
+#   DTRAIN_RDZV_HOST        rendezvous host (default: the first node of the job)
+#   DTRAIN_RDZV_PORT        rendezvous port on that host (default: 15000 + job id mod 15000)
 #   DTRAIN_MAX_RESTARTS     torchrun restarts of failed workers (default 0)
 #   DTRAIN_SHUTDOWN_TIMEOUT seconds torchrun waits for workers to save after a signal (default 300)
 #

@@ -1,9 +1,12 @@
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.slurm.cluster import SlurmCluster, SlurmUnavailable, why_unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,3 +86,33 @@ def corpus_data(tmp_path_factory, tokenizer_dir):
     prepare_pretrain([str(make_corpus(root / "e", docs=10, seed=4))], root / "eval", str(tokenizer_dir),
                      max_seq_len=64, workers=1)
     return root
+
+
+# -- the test Slurm cluster -------------------------------------------------------------------------------------
+def _required() -> bool:
+    """In CI (or with DTRAIN_REQUIRE_SLURM=1) the Slurm tests must run: a cluster that cannot start fails them."""
+    ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
+    return ci or os.environ.get("DTRAIN_REQUIRE_SLURM") == "1"
+
+
+def _unavailable(reason: str) -> None:
+    if _required():
+        pytest.fail(f"Slurm tests are required here (CI / DTRAIN_REQUIRE_SLURM=1), but: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[SlurmCluster]:
+    """A real Slurm cluster of two namespace hosts (tests/slurm/cluster.py), started once per session and shared by
+    tests/slurm and tests/multinode (installing Slurm if needed)."""
+    if reason := why_unavailable():
+        _unavailable(reason)
+    cluster = SlurmCluster()
+    try:
+        try:
+            cluster.start()
+        except SlurmUnavailable as e:  # e.g. no network to install from; a daemon that fails to start is an error
+            _unavailable(str(e))
+        yield cluster
+    finally:
+        cluster.stop()

@@ -1,13 +1,22 @@
-"""A real single-node Slurm cluster (slurmctld + slurmd + munged on this machine) for tests.
+"""A real multi-host Slurm cluster on this one machine, for tests: slurmctld + one munged in this machine's own
+namespaces, and N nodes (2 by default), each a Linux network namespace with its own address on a bridge this module
+creates, its own hostname (UTS namespace) and a bind-mounted hosts file naming every node (mount namespace), with
+one slurmd running inside those namespaces (per-node spool, pid and log files: `%n` in slurm.conf). Jobs that the
+slurmds start inherit their node's namespaces, so a 2-node job really crosses a network: node1 and node2 reach each
+other only through the bridge. The filesystem stays shared (one run dir, one munge socket), as on a cluster with a
+shared filesystem.
 
-Installs the Debian packages when missing, writes a slurm.conf into a fresh temporary folder (so job ids restart
-at 1 every session), links it to /etc/slurm/slurm.conf (clients inside `sbatch --export=NONE` jobs cannot see
-SLURM_CONF), and runs the daemons in the foreground as children of this process so that `stop()` can end them by pid.
-Needs root on Linux."""
+The addresses (198.18.42.0/24, the benchmarking block) exist only on that bridge, with no route out. Installs the
+Debian packages when missing, writes a slurm.conf into a fresh temporary folder (so job ids restart at 1 every
+session), links it to /etc/slurm/slurm.conf (clients inside `sbatch --export=NONE` jobs cannot see SLURM_CONF), runs
+the daemons in the foreground as children of this process, and `stop()` ends them by pid, then every process left in
+a node's namespace, then deletes the namespaces, links and files it made (also those of a killed earlier session).
+Needs root on Linux, `ip` (iproute2), `nsenter` and `unshare` (util-linux)."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import platform
 import pwd
@@ -19,10 +28,16 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 LINK = Path("/etc/slurm/slurm.conf")
 PREFIX = "dtrain-slurm-"
+SUBNET = "198.18.42"  # .1: the bridge (slurmctld, the tests); .11, .12, ...: node1, node2, ...
+BRIDGE = "dtrain-br0"
+NETNS = "dtrain-node"  # + the node number: the network namespace of node<i>
+VETH = "dtrain-veth"  # + the node number: the bridge's end of node<i>'s link (its own end is eth0)
+IFNAME = "eth0"
 
 
 class SlurmUnavailable(RuntimeError):
@@ -43,14 +58,50 @@ def _end_orphans(folder: Path) -> None:
     if _live_pid(folder / "slurmctld.pid"):
         env = {**os.environ, "SLURM_CONF": str(folder / "slurm.conf")}
         subprocess.run(["scancel", "--full", "--user=root"], env=env, capture_output=True, timeout=30)
-    for pid_file in (folder / "slurmd.pid", folder / "slurmctld.pid"):
+    for pid_file in (*sorted(folder.glob("slurmd*.pid")), folder / "slurmctld.pid"):
         for sig in (signal.SIGTERM, signal.SIGKILL):
             if pid := _live_pid(pid_file):
                 os.kill(pid, sig)
                 deadline = time.monotonic() + 5
                 while _live_pid(pid_file) and time.monotonic() < deadline:
                     time.sleep(0.1)
+    _remove_network()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def _ip(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    res = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and res.returncode:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {res.stderr.strip()}")
+    return res
+
+
+def _our_namespaces() -> list[str]:
+    return [line.split()[0] for line in _ip("netns", "list").stdout.splitlines()
+            if line.split() and line.split()[0].startswith(NETNS)]
+
+
+def _kill_namespace(netns: str) -> None:
+    """SIGKILL every process whose network namespace is `netns` (a node's daemons and jobs), and wait for them."""
+    deadline = time.monotonic() + 10
+    while (pids := [int(p) for p in _ip("netns", "pids", netns).stdout.split()]) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+def _remove_network() -> None:
+    """Delete the namespaces, links and bridge of a test cluster (ours, or a killed session's); quiet if absent."""
+    for netns in _our_namespaces():
+        _kill_namespace(netns)
+        _ip("link", "del", VETH + netns.removeprefix(NETNS))  # gVisor keeps the peer of a deleted namespace
+        _ip("netns", "del", netns)
+    for line in _ip("-o", "link", "show").stdout.splitlines():
+        name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
+        if name.startswith(VETH):
+            _ip("link", "del", name)
+    _ip("link", "del", BRIDGE)
 
 
 def _link_conflict() -> str | None:
@@ -75,6 +126,9 @@ def why_unavailable() -> str | None:
         return "a test Slurm cluster needs root (to install Slurm and run its daemons)"
     if not shutil.which("slurmctld") and not shutil.which("apt-get"):
         return "Slurm is not installed and there is no apt-get to install it"
+    for tool, package in (("ip", "iproute2"), ("nsenter", "util-linux"), ("unshare", "util-linux")):
+        if not shutil.which(tool):
+            return f"the multi-host test cluster needs `{tool}` ({package}) to make its network namespaces"
     host = socket.gethostname().split(".")[0]
     try:
         socket.gethostbyname(host)
@@ -89,10 +143,14 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 class SlurmCluster:
-    def __init__(self) -> None:
+    def __init__(self, nodes: int = 2) -> None:
+        if nodes < 1:
+            raise ValueError(f"a cluster needs at least one node, not {nodes}")
+        self.nodes = [f"node{i}" for i in range(1, nodes + 1)]
         self.dir: Path | None = None
         self.procs: dict[str, subprocess.Popen] = {}  # the daemons we started, in order; stopped in reverse
         self.linked = False
+        self.network = False
 
     @property
     def conf(self) -> Path:
@@ -103,12 +161,26 @@ class SlurmCluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
+    @staticmethod
+    def address(node: str) -> str:
+        """node<i>'s address on the bridge (the only interface it has besides lo)."""
+        return f"{SUBNET}.{10 + int(node.removeprefix('node'))}"
+
+    @staticmethod
+    def netns(node: str) -> str:
+        return NETNS + node.removeprefix("node")
+
     def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
         """Run a Slurm client command (sinfo, scontrol, ...) against this cluster."""
         res = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and res.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
         return res
+
+    def on_node(self, node: str, *cmd: str, **popen: Any) -> subprocess.Popen:
+        """Start `cmd` inside node's namespaces (network, hostname, hosts file), as its jobs run."""
+        slurmd = self.procs[f"slurmd-{node}"]
+        return subprocess.Popen(["nsenter", f"--target={slurmd.pid}", "--net", "--uts", "--mount", *cmd], **popen)
 
     # -- starting and stopping -----------------------------------------------------------------------------------
     def start(self, timeout: float = 60) -> None:
@@ -119,44 +191,88 @@ class SlurmCluster:
             self._install()
             self.dir = Path(tempfile.mkdtemp(prefix=PREFIX))
             self._start_munge()
-            self._write_conf()
             (self.dir / "owner.pid").write_text(f"{os.getpid()}\n")
             LINK.parent.mkdir(parents=True, exist_ok=True)
             if LINK.is_symlink():  # left by a killed session (checked by why_unavailable)
                 _end_orphans(Path(os.readlink(LINK)).parent)
                 LINK.unlink()
+            _remove_network()  # a killed session's namespaces without a link (nothing else makes ours)
+            self._make_network()
+            self._write_conf()
             LINK.symlink_to(self.conf)
             self.linked = True
-            for daemon in ("slurmctld", "slurmd"):  # -D: in the foreground, as our children
-                with open(self.dir / f"{daemon}.out", "wb") as out:
-                    self.procs[daemon] = subprocess.Popen([daemon, "-D", "-f", str(self.conf)], stdout=out,
-                                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                          start_new_session=True)
+            self._start_daemon("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
+            for node in self.nodes:
+                self.start_node(node)
             self._wait_idle(timeout)
         except BaseException:
             self.stop(keep_dir=True)
             self.dir = None  # keep its logs for a look
             raise
 
+    def _start_daemon(self, name: str, cmd: list[str]) -> None:
+        assert self.dir is not None
+        with open(self.dir / f"{name}.out", "ab") as out:  # -D: in the foreground, as our child
+            self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                start_new_session=True)
+
+    def _make_network(self) -> None:
+        """The bridge (with an address of its own, for slurmctld and the tests) and one namespace per node."""
+        self.network = True
+        _ip("link", "add", BRIDGE, "type", "bridge", check=True)
+        _ip("addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE, check=True)
+        _ip("link", "set", BRIDGE, "up", check=True)
+        for node in self.nodes:
+            ns, veth = self.netns(node), VETH + node.removeprefix("node")
+            _ip("netns", "add", ns, check=True)
+            _ip("link", "add", veth, "type", "veth", "peer", "name", IFNAME, "netns", ns, check=True)
+            _ip("link", "set", veth, "master", BRIDGE, check=True)
+            _ip("link", "set", veth, "up", check=True)
+            for args in (("addr", "add", f"{self.address(node)}/24", "dev", IFNAME), ("link", "set", IFNAME, "up"),
+                         ("link", "set", "lo", "up")):  # no default route: nothing leaves the bridge
+                _ip("-n", ns, *args, check=True)
+
+    def start_node(self, node: str) -> None:
+        """Start node's slurmd inside its namespaces (again, after kill_node)."""
+        assert self.dir is not None
+        (self.dir / "spool" / node).mkdir(parents=True, exist_ok=True)
+        # nsenter, not `ip netns exec`: that remounts /sys and hides the cgroup tree slurmd reads
+        inner = f"mount --bind {self.dir / 'hosts'} /etc/hosts && hostname {node} && " \
+                f"exec slurmd -D -N {node} -f {self.conf}"
+        self._start_daemon(f"slurmd-{node}", ["nsenter", f"--net=/run/netns/{self.netns(node)}", "unshare", "--uts",
+                                              "--mount", "sh", "-c", inner])
+
+    def kill_node(self, node: str) -> None:
+        """Lose node: SIGKILL every process in its namespace at once (its slurmd, its job steps, dtrain's ranks)."""
+        self.procs.pop(f"slurmd-{node}", None)
+        _kill_namespace(self.netns(node))
+
+    def revive_node(self, node: str, timeout: float = 60) -> None:
+        """After kill_node: start its slurmd again and wait until every node is idle."""
+        self.start_node(node)
+        self.run("scontrol", "update", f"nodename={node}", "state=resume", check=False)
+        self._wait_idle(timeout)
+
     def _wait_idle(self, timeout: float) -> None:
         assert self.dir is not None
-        deadline, state = time.monotonic() + timeout, ""
+        deadline, states = time.monotonic() + timeout, ""
         while time.monotonic() < deadline:
             if dead := [name for name, p in self.procs.items() if p.poll() is not None]:
                 raise RuntimeError(f"{', '.join(dead)} exited at start\n{self._logs()}")
-            state = self.run("sinfo", "-h", "-o", "%t", check=False, timeout=10).stdout.strip()
-            if state == "idle":
+            states = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False, timeout=10).stdout.strip()
+            if sorted(states.split()) == sorted([*self.nodes, *["idle"] * len(self.nodes)]):
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"the Slurm node is not idle after {timeout:.0f} s (state {state!r})\n{self._logs()}")
+        raise RuntimeError(f"the Slurm nodes are not idle after {timeout:.0f} s ({states!r})\n{self._logs()}")
 
     def _logs(self) -> str:
         assert self.dir is not None
-        names = ("slurmctld.log", "slurmd.log", "slurmctld.out", "slurmd.out")
+        names = ["slurmctld.log", "slurmctld.out", *(f"slurmd-{n}.{e}" for n in self.nodes for e in ("log", "out"))]
         return "\n".join(_tail(self.dir / n) for n in names) + f"\n(files in {self.dir})"
 
     def stop(self, keep_dir: bool = False) -> None:
-        """End the jobs and the daemons this cluster started (SIGTERM, then SIGKILL); safe to call twice."""
+        """End the jobs, the daemons, every process left in a node and the network this cluster made (SIGTERM,
+        then SIGKILL); safe to call twice."""
         ctld = self.procs.get("slurmctld")
         if ctld and ctld.poll() is None:  # end the jobs first, so that no slurmstepd outlives the cluster
             self.run("scancel", "--full", "--user=root", check=False)
@@ -174,6 +290,9 @@ class SlurmCluster:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+        if self.network:
+            _remove_network()
+            self.network = False
         if self.linked and LINK.is_symlink() and self.dir and Path(os.readlink(LINK)) == self.conf:
             LINK.unlink()
         self.linked = False
@@ -229,11 +348,15 @@ class SlurmCluster:
         (d / "state").mkdir()
         (d / "spool").mkdir()
         probe = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
-        node = next(line for line in probe.splitlines() if line.startswith("NodeName="))
+        hardware = next(line for line in probe.splitlines() if line.startswith("NodeName="))
+        hardware = re.sub(r"^NodeName=\S+\s*|\s*UpTime=.*$", "", hardware)  # CPUs=2 ... RealMemory=...
         host = socket.gethostname().split(".")[0]
+        (d / "hosts").write_text(f"127.0.0.1 localhost\n{SUBNET}.1 {host}\n"
+                                 + "".join(f"{self.address(n)} {n}\n" for n in self.nodes))
+        nodes = "".join(f"NodeName={n} NodeAddr={self.address(n)} {hardware} State=UNKNOWN\n" for n in self.nodes)
         self.conf.write_text(f"""\
 ClusterName=dtrain-test
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={host}({SUBNET}.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -249,19 +372,19 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerParameters=bf_interval=5,sched_interval=5
 ReturnToService=2
+SlurmdTimeout=20
 KillWait=30
 JobRequeue=1
 MinJobAge=300
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
+SlurmdPidFile={d}/slurmd-%n.pid
 SlurmctldLogFile={d}/slurmctld.log
-SlurmdLogFile={d}/slurmd.log
+SlurmdLogFile={d}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
-{node} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+{nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 
     # -- jobs ------------------------------------------------------------------------------------------------------

@@ -92,3 +92,40 @@ def test_scripts_refuse_a_missing_config_in_one_line(tmp_path):
     assert result.returncode == 2 and "DTRAIN_PYTHON=/no/python: not found" in result.stderr
     result = _sbatch_script("finetune.sh", tmp_path, DTRAIN_OVERRIDES="optim.nope=1")
     assert result.returncode == 2 and "does not resolve" in result.stderr and "optim.nope" in result.stderr
+
+
+def test_the_head_node_refuses_a_rendezvous_port_that_is_taken():
+    import socket
+
+    from launch.torchrun import check_rendezvous
+
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(LaunchError, match=f"rendezvous port {port} on the head node localhost is already in use"):
+            check_rendezvous("localhost", port, 2, {})
+    line = check_rendezvous("localhost", port, 2, {"SLURM_NODEID": "0"})  # free again
+    assert line.endswith(f"rendezvous at localhost:{port} = 127.0.0.1:{port}")
+
+
+def test_another_node_refuses_a_head_that_resolves_to_loopback(monkeypatch):
+    import launch.torchrun as launcher
+
+    monkeypatch.setattr(launcher, "_is_head", lambda host: False)
+    with pytest.raises(LaunchError, match="resolves to 127.0.0.1 .* a loopback address"):
+        launcher.check_rendezvous("localhost", 15000, 2, {})
+    with pytest.raises(LaunchError, match="does not resolve"):
+        launcher.check_rendezvous("no-such-host.invalid", 15000, 2, {})
+
+
+def test_a_lost_peer_is_named_by_rank_and_host(monkeypatch):
+    from dtrain import distributed
+
+    world = [distributed.Peer(0, 0, "node1", "198.18.42.11", "eth0", 1),
+             distributed.Peer(1, 1, "node2", "198.18.42.12", "eth0", 1)]
+    monkeypatch.setattr(distributed, "_WORLD", world)
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [198.18.42.12]:41184")
+    assert distributed.lost_peer(gloo).startswith(
+        "lost rank 1 on node2 (198.18.42.12): a collective failed (connection closed by peer)")
+    assert distributed.lost_peer(RuntimeError("Timed out waiting 10000ms for recv")) is None
