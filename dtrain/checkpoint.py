@@ -26,7 +26,7 @@ import torch
 
 from dtrain.data.shards import atomic_output_dir
 from dtrain.distributed import DistEnv, any_rank, barrier, broadcast_object
-from dtrain.engine.base import Engine
+from dtrain.engine.base import CheckpointError, Engine
 from dtrain.errors import DtrainError
 from dtrain.files import write_atomic
 
@@ -233,6 +233,8 @@ class Checkpointer:
         """Restore the engine and this rank's RNG; return the trainer state."""
         try:
             engine.load(path)
+        except CheckpointError:
+            raise
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0][:300]
             raise DtrainError(f"checkpoint {path} does not fit this model/optimizer ({first}); resume with the "

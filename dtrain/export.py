@@ -12,7 +12,7 @@ from dtrain.config import load_config
 from dtrain.data.shards import atomic_output_dir
 from dtrain.data.tasks import LabelMap
 from dtrain.engine.ddp import STATE_FILE
-from dtrain.engine.deepspeed import TAG
+from dtrain.engine.deepspeed import TAG, written_world_size
 from dtrain.errors import DtrainError
 from dtrain.model.bert import pretraining_model, quiet_transformers
 from dtrain.model.heads import task_model
@@ -27,11 +27,13 @@ def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     if (ckpt / TAG).is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        try:
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG)
-        except (ValueError, FileNotFoundError, KeyError):  # ZeRO stage 0 keeps plain module states
+        # ZeRO stage 0 has no per-rank optimizer partitions and keeps plain module states (DeepSpeed 0.19's
+        # zero_to_fp32 fails on it with a TypeError)
+        if written_world_size(ckpt / TAG) is None:
             files = sorted((ckpt / TAG).glob("mp_rank_*_model_states.pt"))
             state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        else:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG)
         return {k.removeprefix("model."): v.float() for k, v in state.items()}
     raise DtrainError(f"{ckpt}: neither {STATE_FILE} (DDP) nor {TAG}/ (DeepSpeed) in it; pass a dtrain checkpoint")
 

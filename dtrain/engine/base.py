@@ -19,6 +19,11 @@ class NonFiniteError(DtrainError):
     """The gradient (or loss) is NaN/inf and there is no loss scale to absorb it."""
 
 
+class CheckpointError(DtrainError):
+    """An engine could not load a checkpoint and its message already names the checkpoint and the fix:
+    Checkpointer.load passes it on as it is (other load errors it words as "does not fit this model")."""
+
+
 @dataclass(frozen=True)
 class StepInfo:
     skipped: bool  # the optimizer step was skipped (fp16 overflow): weights and schedule unchanged
