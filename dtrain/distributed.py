@@ -117,8 +117,9 @@ def network_interface(backend: str) -> tuple[str, str]:
     NCCL_SOCKET_IFNAME, else (gloo's own rule) the address this host's name resolves to."""
     variable = "NCCL_SOCKET_IFNAME" if backend == "nccl" else "GLOO_SOCKET_IFNAME"
     if os.environ.get(variable):
-        name = os.environ[variable].split(",")[0].lstrip("=^")
-        return f"{name} ({variable})", _ipv4_of(name) or "?"
+        value = os.environ[variable]
+        name = value.split(",")[0].lstrip("=")
+        return f"{value} ({variable})", (_ipv4_of(name) if not name.startswith("^") else None) or "?"
     try:
         address = socket.gethostbyname(socket.gethostname())
     except OSError:
@@ -237,16 +238,18 @@ def lost_peer(error: BaseException) -> str | None:
     """For a collective that failed because a peer's connection broke (its process or its node died): one
     sentence naming the rank(s) and host(s) lost, from the address in the message; None for other errors."""
     text = str(error)
-    if not any(k in text.lower() for k in _LOST):
+    if not _WORLD or not any(k in text.lower() for k in _LOST):  # (no world yet: not a collective's failure)
         return None
     addresses = re.findall(r"\[?(\d{1,3}(?:\.\d{1,3}){3})\]?", text)
-    lost = [p for p in _WORLD if p.address in addresses]
+    me = dist.get_rank() if dist.is_initialized() else -1
+    lost = [p for p in _WORLD if p.address in addresses and p.rank != me]
     reason = next(k for k in _LOST if k in text.lower())
-    if lost:
-        hosts = sorted({(p.host, p.address) for p in lost})
-        ranks = ",".join(str(p.rank) for p in lost)
-        where = "; ".join(f"{h} ({a})" for h, a in hosts)
-        what = f"lost rank{'s' if len(lost) > 1 else ''} {ranks} on {where}"
+    hosts = sorted({(p.host, p.address) for p in lost})
+    where = "; ".join(f"{h} ({a})" for h, a in hosts)
+    if len(lost) == 1:
+        what = f"lost rank {lost[0].rank} on {where}"
+    elif lost:  # several ranks share the address (processes of one node): the message does not say which one
+        what = f"lost a rank on {where} (one of ranks {','.join(str(p.rank) for p in lost)})"
     else:
         what = f"lost a peer{' at ' + ', '.join(dict.fromkeys(addresses)) if addresses else ''}"
     return f"{what}: a collective failed ({reason}), so that process or its node died; this rank stops too. " \

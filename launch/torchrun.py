@@ -30,7 +30,7 @@ class LaunchError(ValueError):
     pass
 
 
-def _int(environ: Mapping[str, str], key: str, default: int, minimum: int = 0) -> int:
+def _int(environ: Mapping[str, str], key: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     text = environ.get(key, "").strip()
     if not text:
         return default
@@ -41,6 +41,8 @@ def _int(environ: Mapping[str, str], key: str, default: int, minimum: int = 0) -
             from None
     if value < minimum:
         raise LaunchError(f"{key}={value} is below {minimum}; set it to an integer ≥ {minimum} or unset it")
+    if maximum is not None and value > maximum:
+        raise LaunchError(f"{key}={value} is above {maximum}; set it to an integer ≤ {maximum} or unset it")
     return value
 
 
@@ -84,7 +86,8 @@ def torchrun_command(entry: str, args: Sequence[str], environ: Mapping[str, str]
         if not nodelist:
             raise LaunchError("SLURM_JOB_ID is set but SLURM_JOB_NODELIST is not: run inside an sbatch/salloc job")
         nodes = _int(environ, "SLURM_JOB_NUM_NODES", 0, minimum=1) or _int(environ, "SLURM_NNODES", 1, minimum=1)
-        port = _int(environ, "DTRAIN_RDZV_PORT", 15000 + _int(environ, "SLURM_JOB_ID", 0) % 15000, minimum=1)
+        port = _int(environ, "DTRAIN_RDZV_PORT", 15000 + _int(environ, "SLURM_JOB_ID", 0) % 15000, minimum=1,
+                    maximum=65535)
         head = environ.get("DTRAIN_RDZV_HOST") or hostnames(nodelist)[0]
         command += [f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:{port}",
                     f"--rdzv-id=dtrain-{job}"]
@@ -99,6 +102,13 @@ def rendezvous_endpoint(command: Sequence[str]) -> tuple[str, int] | None:
             host, _, port = arg.removeprefix("--rdzv-endpoint=").rpartition(":")
             return host, int(port)
     return None
+
+
+def _is_loopback_name(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback  # a literal 127.x / ::1
+    except ValueError:
+        return False
 
 
 def _is_head(host: str) -> bool:
@@ -116,6 +126,9 @@ def _resolve(host: str) -> str | None:
 def check_rendezvous(host: str, port: int, nodes: int, environ: Mapping[str, str]) -> str:
     """The line this node prints about the rendezvous; raises LaunchError where the rendezvous cannot work."""
     address = _resolve(host)
+    if nodes > 1 and (host == "localhost" or (address is not None and _is_loopback_name(host))):
+        raise LaunchError(f"the rendezvous host {host} is a loopback name: the other nodes cannot reach it; set "
+                          f"DTRAIN_RDZV_HOST to the head node's name or address on the cluster network")
     if address is None:
         raise LaunchError(f"the rendezvous host {host} does not resolve on {socket.gethostname()}; fix the node's "
                           f"name resolution (/etc/hosts, DNS) or set DTRAIN_RDZV_HOST to the head node's address")
@@ -125,10 +138,11 @@ def check_rendezvous(host: str, port: int, nodes: int, environ: Mapping[str, str
             try:
                 probe.bind(("", port))
             except OSError as e:
-                if e.errno != errno.EADDRINUSE:
-                    raise
-                raise LaunchError(f"the rendezvous port {port} on the head node {host} is already in use (another job "
-                                  f"or service listens on it); set DTRAIN_RDZV_PORT to a free port") from None
+                if e.errno == errno.EADDRINUSE:
+                    raise LaunchError(f"the rendezvous port {port} on the head node {host} is already in use (another "
+                                      f"job or service listens on it); set DTRAIN_RDZV_PORT to a free port") from None
+                raise LaunchError(f"the rendezvous port {port} on the head node {host} cannot be opened ({e.strerror});"
+                                  f" set DTRAIN_RDZV_PORT to another port (1024-65535)") from None
     elif nodes > 1 and ipaddress.ip_address(address).is_loopback:
         raise LaunchError(f"the rendezvous host {host} resolves to {address} on {socket.gethostname()}, a loopback "
                           f"address: the other nodes cannot reach it there; fix the name resolution or set "

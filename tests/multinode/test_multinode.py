@@ -200,8 +200,9 @@ def test_node_loss_ends_the_survivor_at_once_and_the_run_resumes_on_one_node(slu
                          f"the survivor's error line (log: {output(tmp_path, job)[-2000:]})").group(0)
         wait_for(lambda: "failed (exitcode: 3)" in output(tmp_path, job), 30, "the survivor's exit")
         exit_s = time.monotonic() - lost_at
+        # the peer's connections close when it dies: the survivor must not wait for parallel.timeout_s
         assert error.startswith(f"dtrain: error: lost rank 1 on node2 ({NODE2}): a collective failed") and \
-            exit_s < timeout_s + 10, f"survivor exited after {exit_s:.1f} s with: {error}"
+            exit_s < 15, f"survivor exited after {exit_s:.1f} s with: {error}"
         print(f"\nnode loss ({engine}): survivor on node1 exited {exit_s:.1f} s after node2 died: {error}")
         # Slurm declares node2 dead (SlurmdTimeout), cancels the step and requeues the job (--requeue): it waits
         # for two nodes again; the user cancels it and resubmits on the nodes that are left

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import os
 import platform
 import pwd
@@ -38,6 +39,18 @@ BRIDGE = "dtrain-br0"
 NETNS = "dtrain-node"  # + the node number: the network namespace of node<i>
 VETH = "dtrain-veth"  # + the node number: the bridge's end of node<i>'s link (its own end is eth0)
 IFNAME = "eth0"
+LOCK = Path(tempfile.gettempdir()) / "dtrain-slurm.lock"  # held (flock) by the session whose cluster runs
+
+
+def _lock() -> int | None:
+    """This machine's test-cluster lock, taken without waiting: its fd, or None when another session holds it."""
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 class SlurmUnavailable(RuntimeError):
@@ -53,6 +66,13 @@ def _live_pid(pid_file: Path) -> int | None:
         return None
 
 
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _end_orphans(folder: Path) -> None:
     """End the jobs and daemons of a cluster whose test session was killed before it could stop them."""
     if _live_pid(folder / "slurmctld.pid"):
@@ -60,7 +80,7 @@ def _end_orphans(folder: Path) -> None:
         subprocess.run(["scancel", "--full", "--user=root"], env=env, capture_output=True, timeout=30)
     for pid_file in (*sorted(folder.glob("slurmd*.pid")), folder / "slurmctld.pid"):
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            if pid := _live_pid(pid_file):
+            if (pid := _live_pid(pid_file)) and _command(pid).startswith("slurm"):  # not a reused pid
                 os.kill(pid, sig)
                 deadline = time.monotonic() + 5
                 while _live_pid(pid_file) and time.monotonic() < deadline:
@@ -134,6 +154,9 @@ def why_unavailable() -> str | None:
         socket.gethostbyname(host)
     except OSError:
         return f"this machine's hostname {host!r} does not resolve (Slurm needs it to)"
+    if (fd := _lock()) is None:
+        return f"another test Slurm cluster is running on this machine (a session holds {LOCK})"
+    os.close(fd)  # (closing releases it: start() takes it for good)
     return _link_conflict()
 
 
@@ -151,6 +174,8 @@ class SlurmCluster:
         self.procs: dict[str, subprocess.Popen] = {}  # the daemons we started, in order; stopped in reverse
         self.linked = False
         self.network = False
+        self.lock: int | None = None  # the fd holding LOCK while this cluster runs
+        self.killed: set[str] = set()  # nodes lost by kill_node, not revived yet
 
     @property
     def conf(self) -> Path:
@@ -186,6 +211,9 @@ class SlurmCluster:
     def start(self, timeout: float = 60) -> None:
         if reason := why_unavailable():
             raise SlurmUnavailable(reason)
+        if (lock := _lock()) is None:
+            raise SlurmUnavailable(f"another test Slurm cluster is running on this machine (a session holds {LOCK})")
+        self.lock = lock  # from here on no other session touches the namespaces, the link or the daemons
         atexit.register(self.stop)
         try:
             self._install()
@@ -196,7 +224,7 @@ class SlurmCluster:
             if LINK.is_symlink():  # left by a killed session (checked by why_unavailable)
                 _end_orphans(Path(os.readlink(LINK)).parent)
                 LINK.unlink()
-            _remove_network()  # a killed session's namespaces without a link (nothing else makes ours)
+            _remove_network()  # a killed session's namespaces (we hold the lock: nobody else's are running)
             self._make_network()
             self._write_conf()
             LINK.symlink_to(self.conf)
@@ -218,8 +246,8 @@ class SlurmCluster:
 
     def _make_network(self) -> None:
         """The bridge (with an address of its own, for slurmctld and the tests) and one namespace per node."""
-        self.network = True
         _ip("link", "add", BRIDGE, "type", "bridge", check=True)
+        self.network = True
         _ip("addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE, check=True)
         _ip("link", "set", BRIDGE, "up", check=True)
         for node in self.nodes:
@@ -235,6 +263,9 @@ class SlurmCluster:
     def start_node(self, node: str) -> None:
         """Start node's slurmd inside its namespaces (again, after kill_node)."""
         assert self.dir is not None
+        running = self.procs.get(f"slurmd-{node}")
+        if running is not None and running.poll() is None:
+            raise RuntimeError(f"{node}'s slurmd is running already (pid {running.pid})")
         (self.dir / "spool" / node).mkdir(parents=True, exist_ok=True)
         # nsenter, not `ip netns exec`: that remounts /sys and hides the cgroup tree slurmd reads
         inner = f"mount --bind {self.dir / 'hosts'} /etc/hosts && hostname {node} && " \
@@ -244,11 +275,15 @@ class SlurmCluster:
 
     def kill_node(self, node: str) -> None:
         """Lose node: SIGKILL every process in its namespace at once (its slurmd, its job steps, dtrain's ranks)."""
+        self.killed.add(node)
         self.procs.pop(f"slurmd-{node}", None)
         _kill_namespace(self.netns(node))
 
     def revive_node(self, node: str, timeout: float = 60) -> None:
-        """After kill_node: start its slurmd again and wait until every node is idle."""
+        """After kill_node: start its slurmd again and wait until every node is idle (nothing for a live node)."""
+        if node not in self.killed:
+            return
+        self.killed.discard(node)
         self.start_node(node)
         self.run("scontrol", "update", f"nodename={node}", "state=resume", check=False)
         self._wait_idle(timeout)
@@ -299,6 +334,9 @@ class SlurmCluster:
         if self.dir and not keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
     def _install(self) -> None:
         if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):

@@ -104,19 +104,28 @@ def test_the_head_node_refuses_a_rendezvous_port_that_is_taken():
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(LaunchError, match=f"rendezvous port {port} on the head node localhost is already in use"):
-            check_rendezvous("localhost", port, 2, {})
-    line = check_rendezvous("localhost", port, 2, {"SLURM_NODEID": "0"})  # free again
+            check_rendezvous("localhost", port, 1, {})
+    line = check_rendezvous("localhost", port, 1, {"SLURM_NODEID": "0"})  # free again
     assert line.endswith(f"rendezvous at localhost:{port} = 127.0.0.1:{port}")
 
 
 def test_another_node_refuses_a_head_that_resolves_to_loopback(monkeypatch):
     import launch.torchrun as launcher
 
-    monkeypatch.setattr(launcher, "_is_head", lambda host: False)
-    with pytest.raises(LaunchError, match="resolves to 127.0.0.1 .* a loopback address"):
-        launcher.check_rendezvous("localhost", 15000, 2, {})
+    with pytest.raises(LaunchError, match="the rendezvous host localhost is a loopback name"):
+        launcher.check_rendezvous("localhost", 15000, 2, {})  # on every node, the head included
     with pytest.raises(LaunchError, match="does not resolve"):
         launcher.check_rendezvous("no-such-host.invalid", 15000, 2, {})
+    monkeypatch.setattr(launcher, "_is_head", lambda host: False)
+    monkeypatch.setattr(launcher, "_resolve", lambda host: "127.0.1.1")  # Debian's line for the own hostname
+    with pytest.raises(LaunchError, match="resolves to 127.0.1.1 .* a loopback address"):
+        launcher.check_rendezvous("head", 15000, 2, {})
+
+
+def test_a_rendezvous_port_out_of_range_is_one_line():
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "DTRAIN_RDZV_PORT": "70000"}
+    with pytest.raises(LaunchError, match="DTRAIN_RDZV_PORT=70000 is above 65535"):
+        torchrun_command("dtrain.pretrain", [], env)
 
 
 def test_a_lost_peer_is_named_by_rank_and_host(monkeypatch):
@@ -129,3 +138,25 @@ def test_a_lost_peer_is_named_by_rank_and_host(monkeypatch):
     assert distributed.lost_peer(gloo).startswith(
         "lost rank 1 on node2 (198.18.42.12): a collective failed (connection closed by peer)")
     assert distributed.lost_peer(RuntimeError("Timed out waiting 10000ms for recv")) is None
+    monkeypatch.setattr(distributed, "_WORLD", world + [distributed.Peer(2, 1, "node2", "198.18.42.12", "eth0", 2)])
+    assert distributed.lost_peer(gloo).startswith("lost a rank on node2 (198.18.42.12) (one of ranks 1,2)")
+    monkeypatch.setattr(distributed, "_WORLD", [])  # a single process, or before the world is known
+    assert distributed.lost_peer(gloo) is None
+
+
+def test_gloo_across_hosts_with_a_loopback_hostname_stops_before_joining(monkeypatch):
+    from dtrain import distributed
+    from dtrain.errors import DtrainError
+
+    monkeypatch.setattr(distributed, "network_interface", lambda backend: ("lo", "127.0.1.1"))
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two hosts
+    with pytest.raises(DtrainError, match="resolves to 127.0.1.1, a loopback address, but the run spans several "
+                                          "hosts: set GLOO_SOCKET_IFNAME"):
+        distributed._check_interface_before_init("gloo")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one host: loopback is what it should use
+    distributed._check_interface_before_init("gloo")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0")  # the user chose the interface
+    distributed._check_interface_before_init("gloo")
