@@ -1,6 +1,6 @@
 """Process group from torchrun or Slurm, device choice, the collectives the loop needs, clean teardown, and what a
-run across several hosts needs: who runs where (`world()`: host, address and interface of every rank, printed at
-start), the checks that every node agrees (same processes per node, one shared run dir) and the one line that names
+run across several hosts needs: who runs where (host, address and interface of every rank, gathered and printed
+at start), the checks that every node agrees (same processes per node, one shared run dir) and the one line that names
 the rank and host a failed collective lost."""
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def _check_interface_before_init(backend: str) -> None:
     world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 0) or 0)
     if backend != "gloo" or not local or world <= local or os.environ.get("GLOO_SOCKET_IFNAME"):
         return
-    interface, address = network_interface(backend)
+    _, address = network_interface(backend)
     if _is_loopback(address):
         raise DtrainError(f"this host's name {socket.gethostname()} resolves to {address}, a loopback address, but "
                           f"the run spans several hosts: set GLOO_SOCKET_IFNAME to the interface of the cluster "
@@ -181,11 +181,6 @@ def _gather_world(env: DistEnv) -> None:
         raise DtrainError(f"the nodes run different numbers of processes ({listed}): DTRAIN_NPROC_PER_NODE (or the "
                           f"GPUs per node) differs between nodes; give every node the same number (torchrun "
                           f"--nproc-per-node)")
-
-
-def world() -> list[Peer]:
-    """Every rank's host and address (gathered at init; empty for a single process)."""
-    return list(_WORLD)
 
 
 def check_shared_dir(path: Path, key: str, timeout_s: float = 10.0) -> None:

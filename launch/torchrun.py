@@ -106,7 +106,7 @@ def rendezvous_endpoint(command: Sequence[str]) -> tuple[str, int] | None:
 
 def _is_loopback_name(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host).is_loopback  # a literal 127.x / ::1
+        return ipaddress.ip_address(host).is_loopback  # a literal 127.x / ::1 (a name is not)
     except ValueError:
         return False
 
@@ -143,7 +143,7 @@ def check_rendezvous(host: str, port: int, nodes: int, environ: Mapping[str, str
                                       f"job or service listens on it); set DTRAIN_RDZV_PORT to a free port") from None
                 raise LaunchError(f"the rendezvous port {port} on the head node {host} cannot be opened ({e.strerror});"
                                   f" set DTRAIN_RDZV_PORT to another port (1024-65535)") from None
-    elif nodes > 1 and ipaddress.ip_address(address).is_loopback:
+    elif nodes > 1 and _is_loopback_name(address):
         raise LaunchError(f"the rendezvous host {host} resolves to {address} on {socket.gethostname()}, a loopback "
                           f"address: the other nodes cannot reach it there; fix the name resolution or set "
                           f"DTRAIN_RDZV_HOST to the head node's address on the cluster network")
