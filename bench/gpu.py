@@ -38,7 +38,7 @@ def run(data: Path, seq: int, micro: int, dtype: str, engine: list[str], gpus: i
         dry: bool) -> tuple[float, float] | None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m",
            "dtrain.pretrain", "--config", "configs/pretrain/bert_base_phase1.yaml",
-           "model.name_or_path=bert-large-uncased",
+           "model.name_or_path=preset:bert-large-uncased",
            f"data.train={data}", "data.eval=null", f"data.max_seq_len={seq}", f"data.micro_batch_size={micro}",
            f"precision.dtype={dtype}", *engine, f"schedule.max_steps={warmup + steps}", "schedule.grad_accum_steps=1",
            f"logging.every_steps={warmup}",

@@ -31,7 +31,7 @@ from bench import common  # noqa: E402
 from dtrain.data.examples import example_path  # noqa: E402
 
 CONFIG = "configs/pretrain/debug.yaml"
-MODELS = {"base": "bert-base-uncased", "large": "bert-large-uncased"}
+MODELS = {"base": "preset:bert-base-uncased", "large": "preset:bert-large-uncased"}  # random init
 NPROC, SEQ, GIB = 2, 128, 2 ** 30
 # Key names as `dtrain config keys` lists them.
 COMMON = ["model.tokenizer=minilm", f"data.max_seq_len={SEQ}", "data.num_workers=0", "data.train={data}",

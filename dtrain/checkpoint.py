@@ -11,6 +11,7 @@ stops the run with one line; the previous checkpoints are untouched.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -98,6 +99,14 @@ def _test_pause(tmp: Path) -> None:
         time.sleep(3600)
 
 
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
 def _warn(message: str) -> None:
     print(f"dtrain: warning: {message}", file=sys.stderr, flush=True)
 
@@ -155,13 +164,21 @@ class Checkpointer:
         return final
 
     def _failed(self, tmp: Path, name: str, error: BaseException | None) -> None:
+        chained, seen = error, set()
+        while chained is not None and id(chained) not in seen:
+            seen.add(id(chained))
+            # the tracebacks (of the error and of those it was raised from) hold the frames of the failed write, and
+            # with them its open file: until that is closed, the removed partial file still occupies the disk
+            chained.__traceback__ = None
+            chained = chained.__context__ or chained.__cause__
+        gc.collect()
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         latest = self.latest()
         what = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}" if error is not None else \
             "another rank failed to write its part"
         try:
-            what += f"; {shutil.disk_usage(self.root).free / 2 ** 20:,.0f} MiB free on its disk after the cleanup"
+            what += f"; {_size(shutil.disk_usage(self.root).free)} free on its disk after the cleanup"
         except OSError:
             pass
         raise DtrainError(f"could not write checkpoint {self.root / name} ({what}); the partial checkpoint was removed "

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="a checkpoint (DDP or DeepSpeed ZeRO 0-3) → a Hugging Face model dir")
     exp.add_argument("source", help="run dir (its latest checkpoint) or a checkpoints/step-N dir")
     exp.add_argument("out", help="output dir (refused if it exists and is not empty)")
-    exp.add_argument("--overwrite", action="store_true", help="replace an existing output dir when done")
+    exp.add_argument("--overwrite", action="store_true", help="replace an earlier export (only that) when done")
     exp.set_defaults(func=_export)
 
     pred = sub.add_parser("predict", help="a fine-tuned model on new text → one JSON line of predictions per row")
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="run dir of `dtrain finetune` or its export dir")
         p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (32)")
         p.add_argument("--threshold", type=float, default=0.5, help="multilabel: probability to predict a label")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+        p.add_argument("--overwrite", action="store_true", help="replace an earlier --output of dtrain (only that)")
 
     prep = sub.add_parser("prepare", help="tokenize raw text or labelled files into a sharded dataset")
     prep_sub = prep.add_subparsers(dest="prepare_command", metavar="<pretrain|finetune>", required=True)
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-seq-len", type=int, default=128, help="tokens per sequence incl. specials (128)")
         p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: cores, at most 8)")
         p.add_argument("--shard-size", type=_size, default=64 << 20, help="target shard size, e.g. 64MB (default)")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing dataset dir when done")
+        p.add_argument("--overwrite", action="store_true", help="replace an earlier dataset (only that) when done")
         p.add_argument("--text-field", default="text", help="field/column with the text (text)")
         p.set_defaults(func=_prepare)
         if name == "pretrain":

@@ -46,7 +46,9 @@ def opt(default: Any, help: str, **checks: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = opt("bert-base-uncased", "Preset (tiny, bert-base-uncased, ...) or a local HF checkpoint dir")
+    name_or_path: str = opt("bert-base-uncased", "Pretrained: a Hub id (HF cache, or the Hub) or a local HF "
+                                                 "checkpoint dir; random init: preset:NAME (preset:bert-base-uncased, "
+                                                 "...) or tiny")
     tokenizer: str | None = opt(None, "Tokenizer dir or example name; null: the checkpoint's (uncased presets: minilm)")
     init_from: str | None = opt(None, "Fine-tuning: start from an earlier fine-tuned run dir or its export "
                                       "(encoder and head weights)")
@@ -183,7 +185,7 @@ class PeftConfig:
 @dataclass
 class Config:
     name: str = opt("dtrain", "Run name (used in logs)")
-    seed: int = opt(42, "Seed for model init, data order and masking")
+    seed: int = opt(42, "Seed for model init, data order and masking", ge=0, le=2 ** 32 - 1)
     debug: bool = opt(False, "Debug run: tiny model (for presets), at most 20 steps, eval + checkpoint midway")
     run_dir: str = opt("runs/dtrain", "Directory for config.yaml, logs, checkpoints and the export")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -261,7 +263,10 @@ _NULL = {"null", "none", "~", ""}
 
 
 def _bad(path: str, tp: Any, value: Any, source: str) -> ConfigError:
-    return ConfigError(f"{path}: expected {type_name(tp)}, got {value!r} ({type(value).__name__}) ({source})")
+    # a command-line value is text whatever it looks like: show it as typed (`got 4`, not `got '4' (str)`)
+    shown = value if isinstance(value, str) and source.startswith("command-line") else \
+        f"{value!r} ({type(value).__name__})"
+    return ConfigError(f"{path}: expected {type_name(tp)}, got {shown} ({source})")
 
 
 def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
@@ -378,7 +383,11 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         cycle = " → ".join(str(p) for p in (*chain, path))
         raise ConfigError(f"{path}: inheritance cycle ({cycle}); remove one of the base: entries")
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config")
+        what = "is a directory, not a file" if path.is_dir() else "not found"
+        if chain:  # named by a base: entry, not by --config
+            raise ConfigError(f"{chain[-1]}: base file {path} {what}; fix the base: entry (a path relative to "
+                              f"{chain[-1].parent})")
+        raise ConfigError(f"config file {path} {what}; pass an existing YAML file to --config")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:

@@ -14,6 +14,7 @@ from dtrain.data.tasks import LabelMap
 from dtrain.engine.ddp import STATE_FILE
 from dtrain.engine.deepspeed import TAG, written_world_size
 from dtrain.errors import DtrainError
+from dtrain.files import EXPORT, check_output
 from dtrain.model.bert import pretraining_model, quiet_transformers
 from dtrain.model.heads import task_model
 from dtrain.model.peft import apply_peft, base_hf_model, is_peft
@@ -44,6 +45,9 @@ def export(source: str | Path, out: str | Path, overwrite: bool = False) -> Path
     if ckpt is None:
         raise DtrainError(f"{source}: no complete checkpoint (neither a step-N dir nor a run dir with checkpoints/)")
     cfg = load_config(ckpt / "config.yaml")
+    read = [("the checkpoint", ckpt), ("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer",
+            cfg.model.tokenizer), ("data.train", cfg.data.train if cfg.task.type else None)]
+    check_output(out, EXPORT, [(k, v) for k, v in read if v and Path(v).exists()], overwrite, "OUT")
     if cfg.task.type is None:
         model, _ = pretraining_model(cfg.model.name_or_path)
     else:
@@ -58,7 +62,7 @@ def export(source: str | Path, out: str | Path, overwrite: bool = False) -> Path
                           f"({str(e).splitlines()[0][:200]})") from None
     if is_peft(model):
         model = base_hf_model(model)
-    with atomic_output_dir(out, overwrite) as tmp, quiet_transformers():
+    with atomic_output_dir(out, overwrite, kind=EXPORT, flag="OUT") as tmp, quiet_transformers():
         model.save_pretrained(tmp)
         tokenizer_for(cfg).save_pretrained(tmp)
     return ckpt

@@ -17,9 +17,15 @@ from dtrain.files import write_atomic
 from dtrain.logging import training_flops_per_token
 from dtrain.metrics import format_report
 from dtrain.model.bert import fresh_summary
+from dtrain.model.bounds import check_finetune_lengths
 from dtrain.model.heads import DEFAULT_METRIC, Head, init_from_run, resolve_task, task_model
 from dtrain.model.peft import apply_peft, trainable_summary
+from dtrain.model.source import origin, origin_line
 from dtrain.trainer import Objective
+
+SELECTION = ("the model tested and exported is the best evaluation after training started (step > 0; ties: the "
+             "earlier); the step-0 baseline has an untrained head: it is reported and early stopping must beat it, but "
+             "it is never the model kept")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,10 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             model, fresh = task_model(task, cfg.model.name_or_path, labels.labels, cfg.model.dropout,
                                       cfg.model.attn_implementation)
         flops = training_flops_per_token(model.config, cfg.data.max_seq_len, 0.0)
+        model_config = model.config  # before PEFT wraps the model
         model = apply_peft(model, cfg.peft, task)
         if env.is_main:
             print(f"dtrain: model {cfg.model.init_from or cfg.model.name_or_path} for {task}: {fresh_summary(fresh)}; "
                   f"{trainable_summary(model)}", file=sys.stderr)
+            if not cfg.model.init_from:
+                print(f"dtrain: {origin_line(cfg.model.name_or_path)}", file=sys.stderr)
         head = Head(task, cfg.task.class_weights, cfg.task.label_smoothing, len(labels.labels))
         # widths that are multiples of 8 suit GPU tensor cores; on a CPU they only add work (27 → 32 tokens: +25%)
         collate = FinetuneCollator(task, tokenizer.pad_token_id, len(labels.labels),
@@ -55,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 evaluator = Evaluator(head, labels.labels, data, cfg.task.threshold, cfg.task.n_best,
                                       cfg.task.max_answer_length)
                 evaluators[split] = (evaluator, runner.stream(cfg, data, collate, env, False))
+        check_finetune_lengths(model_config, {"data.train": train,
+                                              **{f"data.{k}": v[0].data for k, v in evaluators.items()}})
         evaluate = None
         if "eval" in evaluators:
             def evaluate(engine):  # noqa: ANN001, ANN202
@@ -64,10 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              runner.stream(cfg, train, collate, env, train=True), evaluate, tokenizer, flops,
                              metric=DEFAULT_METRIC[task], keep_best=True)
         if trainer.interrupted:  # saved for a later resume: no test report and no export yet
-            trainer.logger.close()
             return 0
         report = {"task": task, "steps": trainer.state.step, "model_step": trainer.model_step,
-                  "metric": trainer.metric, "best": trainer.state.best, "eval_history": trainer.state.history}
+                  "metric": trainer.metric, "best": trainer.state.best, "best_step": trainer.state.best_step,
+                  "baseline": trainer.state.baseline, "selection": SELECTION, "eval_history": trainer.state.history}
+        report["model"] = origin(cfg.model.init_from or cfg.model.name_or_path)
         if "test" in evaluators:
             evaluator, loader = evaluators["test"]
             with trainer.engine.evaluating():
@@ -79,7 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_atomic(Path(cfg.run_dir) / "report.json", json.dumps(report, indent=1, default=float) + "\n")
         runner.write_status(cfg, env, "finished", trainer, model_step=trainer.model_step,
                             test=scalar_metrics(report["test"]) if "test" in report else None)
-        trainer.logger.close()
         return 0
 
     return runner.main_guard(body)

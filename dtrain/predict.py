@@ -17,7 +17,16 @@ from dtrain.data.stream import StreamingDataset, StreamLoader
 from dtrain.data.tasks import FinetuneCollator, LabelMap
 from dtrain.errors import DtrainError
 from dtrain.evaluation import Evaluator, decode_answer, scalar_metrics
-from dtrain.files import write_atomic
+from dtrain.files import (
+    PREDICTIONS,
+    REPORT,
+    check_output,
+    disk_full,
+    disk_full_message,
+    remove_leftovers,
+    write_atomic,
+)
+from dtrain.locks import output_lock
 from dtrain.metrics import entity_spans, format_report
 from dtrain.model.bert import quiet_transformers
 from dtrain.model.heads import HF_CLASS, Head, export_dir_of
@@ -59,11 +68,15 @@ def load_finetuned(path: str | Path) -> tuple[torch.nn.Module, Any, str, list[st
 
 
 def read_inputs(path: Path, fields: list[str]) -> list[dict[str, Any]]:
-    """Rows of a .jsonl/.csv/.tsv file (the named fields must be there) or lines of a .txt file (as fields[0])."""
+    """Rows of a .jsonl/.csv/.tsv file (the named fields must be there) or lines of a .txt file (as fields[0]): one
+    output row per input row, an empty line included (predicted as an empty text), so the output lines up."""
     if not path.is_file():
         raise DtrainError(f"--input {path}: no such file")
     if path.suffix.lower() == ".txt":
-        return [{fields[0]: line} for line in read_text(path).splitlines() if line.strip()]
+        lines = read_text(path).split("\n")  # not splitlines(): \f, \v or U+2028 inside a line do not end it
+        if lines[-1] == "":
+            lines.pop()  # the newline that ends the last line
+        return [{fields[0]: line.removesuffix("\r")} for line in lines]
     if path.suffix.lower() not in JSONL_SUFFIXES | TABLE_SUFFIXES:
         raise DtrainError(f"--input {path}: use .jsonl, .csv, .tsv or .txt (one text per line)")
     return [row for _, row in iter_table_rows(path, fields)]
@@ -154,25 +167,47 @@ def _entities(logits: np.ndarray, enc: Any, row: int, text: str, labels: list[st
     return out
 
 
+def _check_options(batch_size: int, threshold: float, max_seq_len: int | None = None) -> None:
+    if batch_size < 1:
+        raise DtrainError(f"--batch-size {batch_size}: pass a whole number >= 1")
+    if not 0 < threshold < 1:
+        raise DtrainError(f"--threshold {threshold:g}: a probability between 0 and 1 (exclusive), e.g. 0.5")
+    if max_seq_len is not None and max_seq_len < 8:
+        raise DtrainError(f"--max-seq-len {max_seq_len}: pass at least 8 (room for [CLS], [SEP] and the text)")
+
+
 def predict(model_path: str, input_path: str, output: str, text_field: str = "text",
             text_pair_field: str | None = None, question_field: str = "question", context_field: str = "context",
             batch_size: int = 32, max_seq_len: int | None = None, threshold: float = 0.5,
             overwrite: bool = False) -> int:
+    _check_options(batch_size, threshold, max_seq_len)
+    check_output(output, PREDICTIONS, [("--input", input_path), ("--model", export_dir_of(model_path))], overwrite,
+                 "--output")
     model, tok, task, labels = load_finetuned(model_path)
     fields = {"text": text_field, "text_pair": text_pair_field, "question": question_field, "context": context_field}
     need = [question_field, context_field] if task == "qa" else [text_field] + ([text_pair_field] if text_pair_field
                                                                                else [])
     rows = read_inputs(Path(input_path), need)
+    if not rows:
+        raise DtrainError(f"--input {input_path}: holds no rows to predict (the file is empty); pass a file with one "
+                          f"text per line or row")
+    if max_seq_len and max_seq_len > model.config.max_position_embeddings:
+        raise DtrainError(f"--max-seq-len {max_seq_len}: the model has {model.config.max_position_embeddings} "
+                          f"positions; pass at most that (or leave it out)")
     limit = max_seq_len or model.config.max_position_embeddings
     preds = predict_rows(model, tok, task, labels, rows, fields, limit, batch_size, threshold)
     _write_new(Path(output), "".join(json.dumps({**row, **p}, ensure_ascii=False) + "\n"
-                                     for row, p in zip(rows, preds, strict=True)), overwrite)
+                                     for row, p in zip(rows, preds, strict=True)), overwrite, PREDICTIONS)
     return len(preds)
 
 
 def evaluate(model_path: str, data_path: str, batch_size: int = 32, threshold: float = 0.5,
              output: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """The full report of a fine-tuned model on a prepared labelled set."""
+    _check_options(batch_size, threshold)
+    if output:
+        check_output(output, REPORT, [("--data", data_path), ("--model", export_dir_of(model_path))], overwrite,
+                     "--output")
     model, tok, task, labels = load_finetuned(model_path)
     data = ShardedDataset(data_path, expect_fingerprint=tokenizer_fingerprint(tok))
     prepared = LabelMap.load(Path(data_path))
@@ -186,13 +221,19 @@ def evaluate(model_path: str, data_path: str, batch_size: int = 32, threshold: f
     print(format_report(report, f"{model_path} on {data_path}"))
     if output:
         _write_new(Path(output), json.dumps({"model": str(model_path), "data": str(data_path), **report}, indent=1,
-                                            default=float) + "\n", overwrite)
+                                            default=float) + "\n", overwrite, REPORT)
     return scalar_metrics(report)
 
 
-def _write_new(out: Path, text: str, overwrite: bool) -> None:
-    """Write a file atomically; an existing one is replaced only with --overwrite."""
-    if out.exists() and not overwrite:
-        raise DtrainError(f"--output {out} exists; pass --overwrite or choose another file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, text)
+def _write_new(out: Path, text: str, overwrite: bool, kind: str) -> None:
+    """Write a file atomically, locked against a second writer; an existing one is replaced only with --overwrite,
+    and only when it is an earlier output of the same kind (files.check_output, checked again under the lock)."""
+    with output_lock(out, "--output"):
+        check_output(out, kind, (), overwrite, "--output")
+        remove_leftovers(out, "--output")
+        try:
+            write_atomic(out, text)
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            raise DtrainError(disk_full_message(out, "--output")) from None

@@ -11,6 +11,8 @@ from dtrain import runner
 from dtrain.data.pretraining import PretrainingCollator
 from dtrain.logging import training_flops_per_token
 from dtrain.model.bert import fresh_summary, pretraining_counts, pretraining_losses, pretraining_model
+from dtrain.model.bounds import check_pretrain_lengths
+from dtrain.model.source import origin_line
 from dtrain.trainer import Objective, evaluate_terms
 
 
@@ -22,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, fresh = pretraining_model(cfg.model.name_or_path, cfg.model.dropout, cfg.model.attn_implementation)
         if env.is_main:
             print(f"dtrain: model {cfg.model.name_or_path}: {fresh_summary(fresh)}", file=sys.stderr)
+            print(f"dtrain: {origin_line(cfg.model.name_or_path)}", file=sys.stderr)
         d = cfg.data
 
         def collator(data):  # noqa: ANN001, ANN202
@@ -42,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         masked = min(d.max_predictions_per_seq, d.mlm_probability * d.max_seq_len) / d.max_seq_len
         flops = training_flops_per_token(model.config, d.max_seq_len, masked)
+        datasets = {"data.train": train, **({"data.eval": held_out} if d.eval else {})}
+        for warning in check_pretrain_lengths(model.config, d.max_seq_len, datasets):
+            if env.is_main:
+                print(warning, file=sys.stderr)
         trainer = runner.run(cfg, env, model, objective, runner.stream(cfg, train, collator(train), env, train=True),
                              evaluate, tokenizer, flops, metric="mlm_loss")
         history = [h for h in trainer.state.history if "mlm_loss" in h]
@@ -51,7 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"(step {last['step']}); NSP loss {first['nsp_loss']:.4f} → {last['nsp_loss']:.4f}")
         if not trainer.interrupted:
             runner.write_status(cfg, env, "finished", trainer)
-        trainer.logger.close()
         return 0
 
     return runner.main_guard(body)

@@ -8,7 +8,9 @@ import json
 import math
 import os
 import random
+import socket
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,20 @@ from dtrain.config import Config, load_config, save_run_config
 from dtrain.data.examples import example_or_path
 from dtrain.data.shards import ShardedDataset, tokenizer_fingerprint
 from dtrain.data.stream import StreamingDataset, StreamLoader
-from dtrain.distributed import DistEnv, catch_stop_signals, check_shared_dir, init_distributed, lost_peer
+from dtrain.distributed import (
+    DistEnv,
+    broadcast_object,
+    catch_stop_signals,
+    check_shared_dir,
+    init_distributed,
+    lost_peer,
+)
 from dtrain.engine import build_engine
 from dtrain.errors import DtrainError
-from dtrain.files import write_atomic
+from dtrain.files import check_apart, write_atomic
+from dtrain.locks import lock_run_dir
 from dtrain.logging import RunLogger, peak_flops
-from dtrain.model.presets import PRESETS
+from dtrain.model.source import origin, origin_line, preset_of
 from dtrain.trainer import Objective, Trainer
 
 DEBUG_STEPS = 20
@@ -41,7 +51,7 @@ def parse(argv: Sequence[str] | None, prog: str) -> Config:
     args = ap.parse_intermixed_args(argv)  # flags may sit among the key=value overrides
     cfg = load_config(args.config, [*args.overrides, *(["debug=true"] if args.debug else [])])
     if cfg.debug:
-        if cfg.model.name_or_path in PRESETS:
+        if preset_of(cfg.model.name_or_path):  # a random-init preset becomes the tiny one; checkpoints stay
             cfg.model.name_or_path = "tiny"
         cfg.schedule.max_steps = min(cfg.schedule.max_steps or DEBUG_STEPS, DEBUG_STEPS)
         cfg.eval.every_steps = cfg.checkpoint.every_steps = max(1, cfg.schedule.max_steps // 2)
@@ -52,6 +62,10 @@ def parse(argv: Sequence[str] | None, prog: str) -> Config:
 def setup(cfg: Config) -> DistEnv:
     _TIMEOUT[0] = cfg.parallel.timeout_s
     env = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    problem = broadcast_object(run_dir_problem(cfg) if env.is_main else None)  # rank 0 decides
+    if problem:
+        raise DtrainError(problem)
+    lock_run_dir(cfg.run_dir, env.is_main)  # one run per run_dir: rank 0 holds it until exit, every rank is refused
     check_shared_dir(Path(cfg.run_dir), "run_dir")
     cfg.model.name_or_path = example_or_path(cfg.model.name_or_path)
     random.seed(cfg.seed)
@@ -64,19 +78,49 @@ def setup(cfg: Config) -> DistEnv:
     return env
 
 
+def run_dir_problem(cfg: Config) -> str | None:
+    """Why a run cannot write into run_dir (one of its inputs or inside/above one, a file, under a file, an
+    unwritable place such as /proc), or None; checked before anything is built, and by a probe file that is removed
+    again (an earlier run stays as it was)."""
+    path = Path(cfg.run_dir)
+    inputs = [(f"data.{k}", getattr(cfg.data, k)) for k in ("train", "eval", "test")]
+    inputs += [(f"model.{k}", getattr(cfg.model, k)) for k in ("init_from", "name_or_path", "tokenizer")]
+    try:
+        check_apart(path, [(name, p) for name, p in inputs if p and Path(p).exists()], f"run_dir={path}")
+    except DtrainError as e:
+        return str(e)
+    if path.exists() and not path.is_dir():
+        return f"run_dir={path} is a file, not a folder; point run_dir at a new folder or an earlier run's folder"
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"run_dir={path}: {folder} is a file, so the run dir cannot be created under it; point run_dir " \
+               f"elsewhere"
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".dtrain-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"run_dir={path}: cannot create files in {folder} ({e.strerror}); point run_dir at a folder you " \
+               f"can write"
+    return None
+
+
 def tokenizer_for(cfg: Config) -> Any:
     from dtrain.data.prepare import load_tokenizer
 
     name = cfg.model.tokenizer
     if name is None:
-        if cfg.model.name_or_path in PRESETS:
-            if "uncased" not in cfg.model.name_or_path and cfg.model.name_or_path != "tiny":
-                raise DtrainError(f"model.tokenizer: the preset {cfg.model.name_or_path} has a cased vocabulary and "
-                                  f"no tokenizer ships for it; set model.tokenizer to a cased tokenizer dir")
+        preset = preset_of(cfg.model.name_or_path)
+        if preset:
+            if "uncased" not in preset and preset != "tiny":
+                raise DtrainError(f"model.tokenizer: the preset {preset} has a cased vocabulary and no tokenizer "
+                                  f"ships for it; set model.tokenizer to a cased tokenizer dir")
             name = "minilm"  # the uncased BERT WordPiece vocabulary (30,522), as the presets
         else:
-            name = cfg.model.name_or_path
-    return load_tokenizer(example_or_path(name))
+            name = cfg.model.name_or_path  # a checkpoint dir or Hub id brings its own tokenizer
+    return load_tokenizer(example_or_path(name), "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
 
 
 def open_data(cfg: Config, path: str | None, key: str, tokenizer: Any) -> ShardedDataset:
@@ -128,6 +172,7 @@ def run(cfg: Config, env: DistEnv, model: torch.nn.Module, objective: Objective,
                       stop_at_step=cfg.schedule.stop_at_step, ledger=ledger,
                       min_loss_scale=cfg.precision.min_loss_scale,
                       max_consecutive_skips=cfg.precision.max_consecutive_skips)
+    _RUN.trainer = trainer  # the exit paths close its logger (main_guard)
     trainer.resume(cfg.checkpoint.resume)
     # every check has passed: only now does the run dir change (a bad input leaves an earlier run as it was)
     if env.is_main:
@@ -140,14 +185,52 @@ def run(cfg: Config, env: DistEnv, model: torch.nn.Module, objective: Objective,
     return trainer
 
 
+class _Run:
+    """This process's run, for the ways out of an entry point: once `run` has written "running", an exception
+    writes "failed" with its one-line reason (main_guard), and the logger is closed whatever happens."""
+
+    def __init__(self) -> None:
+        self.cfg: Config | None = None
+        self.env: DistEnv | None = None
+        self.trainer: Trainer | None = None
+        self.state: str | None = None  # the last state written to status.json by this process
+
+    def fail(self, reason: str) -> None:
+        if self.state == "running" and self.cfg is not None and self.env is not None and self.trainer is not None:
+            latest = self.trainer.checkpointer.latest()
+            write_status(self.cfg, self.env, "failed", self.trainer, reason=reason,
+                         checkpoint=str(latest) if latest else None,
+                         checkpoint_step=int(latest.name.removeprefix("step-")) if latest else None)
+
+    def close(self) -> None:
+        if self.trainer is not None:
+            self.trainer.logger.close()
+        self.__init__()
+
+
+_RUN = _Run()
+
+
 def write_status(cfg: Config, env: DistEnv, state: str, trainer: Trainer, **extra: Any) -> None:
-    """<run_dir>/status.json: running, preempted (a stop signal: resume), stopped (schedule.stop_at_step) or
-    finished. slurm/ and launch/ read it to decide whether a job requeues itself."""
+    """<run_dir>/status.json: running, preempted (a stop signal: resume), stopped (schedule.stop_at_step), finished
+    or failed (with the reason and the last good checkpoint). slurm/ and launch/ read it to decide whether a job
+    requeues itself (launch/status.py)."""
+    _RUN.cfg, _RUN.env, _RUN.trainer, _RUN.state = cfg, env, trainer, state
     if not env.is_main:
         return
     status = {"state": state, "step": trainer.state.step, "total_steps": trainer.total_steps,
               "eval": trainer.state.history[-1] if trainer.state.history else None, **extra}
-    write_atomic(Path(cfg.run_dir) / "status.json", json.dumps(status, default=float) + "\n")
+    status["model"] = origin(cfg.model.init_from or cfg.model.name_or_path)  # random init is never silent
+    if state == "running":  # who runs it: a reader can tell a live run from one whose rank 0 was killed
+        status.update(host=socket.gethostname(), pid=os.getpid())
+    elif state == "finished":
+        print(f"dtrain: finished at step {trainer.state.step}; "
+              f"{origin_line(cfg.model.init_from or cfg.model.name_or_path)}", file=sys.stderr)
+    try:
+        write_atomic(Path(cfg.run_dir) / "status.json", json.dumps(status, default=float) + "\n")
+    except OSError as e:  # e.g. the disk is full: the run's own error line says why; this one says what is missing
+        print(f"dtrain: warning: could not write {Path(cfg.run_dir) / 'status.json'} (state {state}): "
+              f"{e.strerror or e}", file=sys.stderr)
 
 
 def main_guard(main: Callable[[], int]) -> int:
@@ -162,21 +245,35 @@ def main_guard(main: Callable[[], int]) -> int:
         return status
     except DtrainError as e:
         clean = True  # every rank raises it at the same point (the checks are agreed), so teardown can synchronise
-        print(f"dtrain: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e), 2)
     except RuntimeError as e:
         if lost := lost_peer(e):
-            print(f"dtrain: error: {lost}", file=sys.stderr)
-            return 3
+            return _error(lost, 3)
         if not _is_timeout(e):
+            _RUN.fail(_first_line(e))
             raise
-        print(f"dtrain: error: a collective waited longer than parallel.timeout_s={_TIMEOUT[0]} s for the other "
-              f"ranks (one hung or died): {str(e).strip().splitlines()[0][:200]}; find the stuck rank, or raise "
-              f"parallel.timeout_s if steps or checkpoints are legitimately that slow", file=sys.stderr)
-        return 3
+        return _error(f"a collective waited longer than parallel.timeout_s={_TIMEOUT[0]} s for the other ranks (one "
+                      f"hung or died): {_first_line(e)[:200]}; find the stuck rank, or raise parallel.timeout_s if "
+                      f"steps or checkpoints are legitimately that slow", 3)
+    except BaseException as e:  # any other error (a traceback follows), Ctrl-C twice, SystemExit
+        _RUN.fail(_first_line(e) or type(e).__name__)
+        raise
     finally:
+        _RUN.close()
         teardown(synchronise=clean)
         restore_signals()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _error(message: str, status: int) -> int:
+    """The one line on stderr; status.json says failed with the same line if this run had started."""
+    print(f"dtrain: error: {message}", file=sys.stderr)
+    _RUN.fail(message)
+    return status
 
 
 def _is_timeout(e: BaseException) -> bool:

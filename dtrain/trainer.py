@@ -37,8 +37,9 @@ class TrainerState:
     skipped_in_a_row: int = 0  # fp16 overflow skips since the last applied step
     samples: int = 0
     tokens: int = 0
-    best: float | None = None
+    best: float | None = None  # the best evaluation of a trained model (step > 0): the model kept, tested, exported
     best_step: int | None = None
+    baseline: float | None = None  # the step-0 evaluation (an untrained head): a bar for early stopping, never kept
     bad_evals: int = 0
     train_seconds: float = 0.0  # time in train_step (evaluations and checkpoints excluded), over all attempts
     history: list[dict[str, float]] = field(default_factory=list)  # eval results, for the run report
@@ -176,6 +177,11 @@ class Trainer:
             self.model_step = self.state.best_step
             self.logger.info(f"loaded the best checkpoint {best.name} ({self.metric}={self.state.best:.6g})")
             final = best
+        if self.keep_best and self.state.baseline is not None and self.state.best is not None \
+                and self._gain(self.state.baseline, self.state.best) > 0:
+            self.logger.info(f"the step-0 baseline ({self.metric}={self.state.baseline:.6g}) beat every evaluation "
+                             f"after training; it is not a candidate (its head is untrained), so the model kept is "
+                             f"the best trained one, step {self.model_step} ({self.metric}={self.state.best:.6g})")
         if self.export_dir is not None:
             export_hf(self.engine, self.engine.model, self.tokenizer, self.export_dir, self.env, final)
             self.logger.info(f"exported the model to {self.export_dir}")
@@ -208,6 +214,11 @@ class Trainer:
         latest = self.checkpointer.latest()
         return latest is not None and latest.name == self.checkpointer.name(step)
 
+    def _gain(self, value: float, reference: float | None) -> float:
+        if reference is None:
+            return math.inf
+        return value - reference if self.maximize else reference - value
+
     def _eval_and_maybe_stop(self) -> bool:
         """Evaluate (metrics are reduced over ranks by `evaluate`, so every rank decides the same)."""
         with self.engine.evaluating():
@@ -220,12 +231,19 @@ class Trainer:
             raise DtrainError(f"eval.metric={self.metric}: the evaluation reports {', '.join(sorted(metrics))}; set "
                               f"eval.metric to one of them")
         value = metrics[self.metric]
-        gain = (value - self.state.best if self.maximize else self.state.best - value) if self.state.best is not None \
-            else math.inf
-        if gain > self.min_delta:
-            self.state.best, self.state.best_step, self.state.bad_evals = value, self.state.step, 0
-            if self.keep_best and self.state.step > 0:
+        if self.state.step == 0:  # the baseline: its head is untrained, so it is a bar to beat, never the model kept
+            self.state.baseline = value
+            return False
+        # early stopping counts evaluations that beat neither the best trained one nor the baseline
+        bar = min((v for v in (self.state.best, self.state.baseline) if v is not None),
+                  key=lambda v: -v if self.maximize else v, default=None)
+        improved = self._gain(value, bar) > self.min_delta
+        if self._gain(value, self.state.best) > self.min_delta:
+            self.state.best, self.state.best_step = value, self.state.step
+            if self.keep_best:
                 self.save(best=True)  # kept apart from the rolling checkpoints
+        if improved:
+            self.state.bad_evals = 0
             return False
         self.state.bad_evals += 1
         if self.patience and self.state.bad_evals >= self.patience:

@@ -24,17 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from launch.status import SUCCESS_STATES, describe, requeue, settle
 from launch.torchrun import LaunchError, node_command
 
 PREEMPTED_GRACE_S = 60
-
-
-def read_status(run_dir: Path) -> dict[str, Any]:
-    """<run_dir>/status.json as dtrain wrote it (state running/preempted/stopped/finished), or state unknown."""
-    try:
-        return json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {"state": "unknown"}
 
 
 class DtrainJob:
@@ -59,14 +52,14 @@ class DtrainJob:
         self._proc = subprocess.Popen(command, env=env)
         while self._proc.poll() is None:  # poll, not wait(): checkpoint() may run in between, in a signal handler
             time.sleep(0.5)
-        status = read_status(Path(self.run_dir))
+        status = settle(self.run_dir, self._proc.returncode)  # a killed rank 0's `running` becomes failed
         if status["state"] == "preempted":
             # saved after a SIGTERM (Slurm preempts or cancels) or before submitit's USR2 handler took over: give
             # Slurm (kill and requeue) or the handler (checkpoint → requeue → exit) the time to act first
             time.sleep(PREEMPTED_GRACE_S)
-        if status["state"] != "finished":
+        if status["state"] not in SUCCESS_STATES:
             raise RuntimeError(f"{self.entry} ended with exit status {self._proc.returncode} and run state "
-                               f"{status['state']} ({self.run_dir}/status.json); see the job's log")
+                               f"{describe(status)} ({self.run_dir}/status.json); see the job's log")
         return status
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
@@ -79,8 +72,8 @@ class DtrainJob:
             proc.send_signal(signal.SIGUSR2)  # torchrun forwards it (a second signal to a worker is harmless)
             while proc.poll() is None:
                 time.sleep(0.5)
-        if read_status(Path(self.run_dir))["state"] == "finished":
-            return None  # submitit does not requeue
+        if proc is not None and not requeue(settle(self.run_dir, proc.returncode)):
+            return None  # finished, stopped or failed meanwhile: submitit does not requeue
         return submitit.helpers.DelayedSubmission(
             DtrainJob(self.entry, self.config, self.overrides, self.run_dir, self.nproc_per_node))
 

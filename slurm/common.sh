@@ -16,9 +16,10 @@
 #
 # Preemption: the job script asks for --signal=B:USR2@120 (and --requeue). The trap below forwards USR2 (or TERM) to
 # the srun step; srun passes it to every torchrun, torchrun to its workers; the workers agree through a collective,
-# save a checkpoint at the next step boundary and exit. After USR2 the job requeues itself (scontrol requeue) unless
-# the run finished meanwhile; the rerun resumes from checkpoints/latest. TERM alone (scancel, time limit) saves and
-# stops without requeueing. The run's state comes from <run dir>/status.json, written by dtrain.
+# save a checkpoint at the next step boundary and exit. After USR2 the job requeues itself (scontrol requeue) when
+# the run saved for a resume (state preempted; not when it finished, stopped or failed meanwhile); the rerun resumes
+# from checkpoints/latest. TERM alone (scancel, time limit) saves and stops without requeueing. The run's state comes
+# from <run dir>/status.json, written by dtrain and settled by launch/status.py (its table: each state's handling).
 
 dtrain_die() {
     echo "dtrain-slurm: error: $*" >&2
@@ -34,10 +35,6 @@ _dtrain_forward() {
     fi
 }
 
-_dtrain_state() {
-    "$DTRAIN_PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["state"])' "$1/status.json" 2>/dev/null \
-        || echo unknown
-}
 
 dtrain_launch() {
     local entry=$1 config=${DTRAIN_CONFIG:-$2}
@@ -75,14 +72,20 @@ dtrain_launch() {
     done
     DTRAIN_STEP_PID=
 
-    local state
-    state=$(_dtrain_state "$run_dir")
-    echo "dtrain-slurm: $(date -Is) training ended (exit status $rc), run state: $state"
-    if [[ $DTRAIN_REQUEUE == 1 && $state != finished ]]; then
-        echo "dtrain-slurm: requeueing job $job; the next attempt resumes from $run_dir/checkpoints/latest"
-        scontrol requeue "$job"
-        exit 0
+    # the state after the step: a `running` left by a killed rank 0 is recorded as failed (launch/status.py)
+    local settled state description
+    settled=$("$DTRAIN_PY" -m launch.status "$run_dir" "$rc") || settled=unknown
+    state=${settled%%$'\n'*}
+    description=${settled#*$'\n'}
+    echo "dtrain-slurm: $(date -Is) training ended (exit status $rc), run state: ${description:-$state}"
+    if [[ $DTRAIN_REQUEUE == 1 ]]; then
+        if [[ $state == preempted ]]; then
+            echo "dtrain-slurm: requeueing job $job; the next attempt resumes from $run_dir/checkpoints/latest"
+            scontrol requeue "$job"
+            exit 0
+        fi
+        echo "dtrain-slurm: not requeueing job $job: the run is $state, not preempted"
     fi
-    [[ $state == finished ]] && exit 0
+    [[ $state == finished || $state == stopped ]] && exit 0
     exit "$rc"
 }

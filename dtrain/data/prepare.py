@@ -27,6 +27,8 @@ import pyarrow as pa
 
 from dtrain.data.shards import ShardError, ShardWriter, atomic_output_dir, tokenizer_fingerprint
 from dtrain.data.tasks import TASKS, LabelMap, encode_ner, encode_qa, encode_rows, infer_task, read_squad, schema_for
+from dtrain.files import DATASET, check_output
+from dtrain.model.bounds import MIN_SEQ_LEN, check_prepare_len, check_workers
 
 PRETRAIN_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("sentence_ends", pa.list_(pa.int32())),
                              ("doc", pa.int64()), ("length", pa.int32())])
@@ -36,20 +38,34 @@ TABLE_SUFFIXES = {".csv", ".tsv"}
 DOCS_PER_TASK = 32
 
 
-def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
-    """A fast HF tokenizer from a local dir (offline: nothing is downloaded)."""
+def load_tokenizer(name_or_path: str | os.PathLike, key: str = "tokenizer") -> Any:
+    """A fast HF tokenizer from a local dir, or of a Hugging Face Hub id (from the HF cache, or the Hub when
+    reachable). Refused: a dir without tokenizer files, and a tokenizer without BERT's special tokens. `key`: what
+    the user set (a run's model.tokenizer, or model.name_or_path when the checkpoint brings its tokenizer)."""
     from transformers import AutoTokenizer
+
+    from dtrain.model.source import TOKENIZER_FILES, local_dir, tokenizer_files_missing
 
     path = Path(name_or_path)
     if not path.is_dir():
-        raise ShardError(f"tokenizer {name_or_path}: not a local directory with tokenizer files; pass the model "
-                         f"checkpoint dir (e.g. the minilm example from `dtrain fetch-examples`)")
+        if path.exists() or not str(name_or_path).strip():
+            raise ShardError(f"tokenizer {name_or_path}: not a local directory with tokenizer files; pass the model "
+                             f"checkpoint dir (e.g. the minilm example from `dtrain fetch-examples`)")
+        path = local_dir(str(name_or_path), key)
+    if tokenizer_files_missing(path):
+        raise ShardError(f"tokenizer {path}: no tokenizer files in the dir (none of {', '.join(TOKENIZER_FILES[:3])} "
+                         f"...), so every word would be [UNK]; pass the dir of a checkpoint that includes its "
+                         f"tokenizer (e.g. the minilm example from `dtrain fetch-examples`)")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ShardError(f"tokenizer {path}: cannot be loaded ({str(e).splitlines()[0]})") from None
     if not tok.is_fast:
         raise ShardError(f"tokenizer {path}: dtrain needs a fast (Rust) tokenizer; add tokenizer.json to the dir")
+    lacking = [t for t in ("cls", "sep", "mask", "pad") if getattr(tok, f"{t}_token_id", None) is None]
+    if lacking:
+        raise ShardError(f"tokenizer {path}: no {', '.join(f'[{t.upper()}]' for t in lacking)} token, so not a BERT "
+                         f"tokenizer (dtrain trains BERT models); pass the tokenizer of a BERT checkpoint")
     return tok
 
 
@@ -253,20 +269,30 @@ def _progress(desc: str, unit: str) -> Any:
     return tqdm(desc=desc, unit=unit, file=sys.stderr, disable=None, dynamic_ncols=True)
 
 
+def _check_out(out: str | os.PathLike, inputs: list[str], tokenizer: str, labels: str | None,
+               overwrite: bool) -> None:
+    """--out before any work: never one of the inputs, inside or above one; --overwrite replaces only a dataset."""
+    named = [("the input", i) for i in inputs] + [("--tokenizer", tokenizer), ("--labels", labels)]
+    check_output(out, DATASET, named, overwrite, "--out", ShardError)
+
+
 def prepare_pretrain(inputs: list[str], out: str | os.PathLike, tokenizer: str, max_seq_len: int = 128,
                      short_seq_prob: float = 0.1, text_field: str = "text", doc_split: str = "file",
                      workers: int | None = None, shard_bytes: int = 64 << 20, seed: int = 12345,
                      overwrite: bool = False, command: str | None = None) -> dict[str, Any]:
     """Raw text → pretraining shards in `out`; returns the manifest."""
-    if max_seq_len < 8:
-        raise ShardError(f"max_seq_len must be at least 8, got {max_seq_len}")
+    check_workers(workers)
+    if max_seq_len < MIN_SEQ_LEN:  # before any work (the upper bound needs the tokenizer: below)
+        check_prepare_len(max_seq_len, None, tokenizer, None)
+    _check_out(out, inputs, tokenizer, None, overwrite)
     workers = workers or min(os.cpu_count() or 1, 8)
     tok = load_tokenizer(tokenizer)
+    check_prepare_len(max_seq_len, tok, tokenizer, tok.name_or_path)
     meta_tok = tokenizer_meta(tok, tokenizer)
     docs = iter_documents(inputs, text_field, doc_split)
     fn = partial(_pretrain_task, max_tokens=max_seq_len - 3, short_seq_prob=short_seq_prob, seed=seed)
     totals = {"documents": 0, "sentences": 0, "tokens": 0}
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, kind=DATASET) as tmp:
         writer = ShardWriter(tmp, PRETRAIN_SCHEMA, shard_bytes)
         with _progress("prepare pretrain", "doc") as bar:
             for result in run_parallel(fn, _batches(docs, DOCS_PER_TASK), workers, tokenizer):
@@ -278,6 +304,10 @@ def prepare_pretrain(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
         if totals["tokens"] == 0:
             raise ShardError(f"no text found in {', '.join(map(str, inputs))}: the corpus is empty; point "
                              f"`dtrain prepare pretrain` at .txt/.jsonl files or a saved datasets dir with text")
+        if totals["documents"] < 2:
+            raise ShardError(f"{', '.join(map(str, inputs))}: one document only, but NSP pairs need a segment of "
+                             f"another document; add documents (or --doc-split blank-line if blank lines separate "
+                             f"the documents of a file)")
         manifest = writer.close(kind="pretrain", tokenizer=meta_tok, max_seq_len=max_seq_len,
                                 total_tokens=totals["tokens"], documents=totals["documents"],
                                 sentences=totals["sentences"], short_seq_prob=short_seq_prob, seed=seed,
@@ -400,8 +430,10 @@ def read_finetune_rows(files: list[Path], task: str | None, text_field: str, tex
         for lineno, row in iter_table_rows(f, fields):
             loc = f"{f} line {lineno}"
             text, pair = row[text_field], row[text_pair_field] if text_pair_field else None
-            if not isinstance(text, str) or (pair is not None and not isinstance(pair, str)):
-                raise ShardError(f"{loc}: {text_field!r} (and {text_pair_field!r}) must be strings")
+            for name, value in ((text_field, text), *([(text_pair_field, pair)] if pair is not None else [])):
+                if not isinstance(value, str):
+                    raise ShardError(f"{loc}: {name!r} must be a string, got {json.dumps(value)}; quote it or fix "
+                                     f"the row")
             rows.append((text, pair, _parse_label(row[label_field], task, loc)))
             where.append(loc)
     return rows, where
@@ -416,7 +448,11 @@ def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
     (for qa also examples.jsonl: id, question, context, answers, to turn predicted spans back into text)."""
     if task is not None and task not in TASKS:
         raise ShardError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    check_workers(workers)
+    if max_seq_len < MIN_SEQ_LEN:  # before any work (the upper bound needs the tokenizer: below)
+        check_prepare_len(max_seq_len, None, tokenizer, None)
     suffixes = {".json"} if task == "qa" else TABLE_SUFFIXES | JSONL_SUFFIXES | CONLL_SUFFIXES
+    _check_out(out, inputs, tokenizer, labels, overwrite)
     files = input_files(inputs, suffixes)
     rows, where = read_finetune_rows(files, task, text_field, text_pair_field, label_field)
     if not rows:
@@ -431,6 +467,7 @@ def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
                              f"labels.json of a {task} training set")
     else:
         label_map = LabelMap.build(task, [r[2] for r in rows])
+        label_map.check_trainable([r[2] for r in rows], where, ", ".join(map(str, inputs)))
     counts: Counter = Counter()
     encoded = []
     for (text, pair, value), loc in zip(rows, where, strict=True):
@@ -444,9 +481,10 @@ def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
             counts[value] += 1
         encoded.append((text, pair, label))
     tok = load_tokenizer(tokenizer)
+    check_prepare_len(max_seq_len, tok, tokenizer, tok.name_or_path)
     fn = partial(_finetune_task, kind=task, max_seq_len=max_seq_len, doc_stride=doc_stride)
     truncated = tokens = 0
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, kind=DATASET) as tmp:
         writer = ShardWriter(tmp, schema_for(task), shard_bytes)
         with _progress("prepare finetune", "row") as bar:
             for cols in run_parallel(fn, _batches(encoded, ROWS_PER_TASK), workers or min(os.cpu_count() or 1, 8),

@@ -211,8 +211,16 @@ class StreamLoader:
         kwargs: dict[str, Any] = {}
         if self.num_workers and self.prefetch_factor:
             kwargs["prefetch_factor"] = self.prefetch_factor
+        # The DataLoader gets its own generator. Without one, every new iterator draws its workers' base seed from
+        # the GLOBAL torch RNG (with num_workers=0 too), i.e. from the stream dropout uses; a resumed run creates
+        # one iterator more after Checkpointer.load restored that RNG than the straight run did, which shifted
+        # dropout and made resume inexact (issue 15). Seeded from where the stream stands, so the workers' seeds
+        # are deterministic too (nothing in them draws from those: the collators hash (seed, epoch, index)).
+        generator = torch.Generator()
+        generator.manual_seed(int(_rng(self.dataset.seed, self.epoch, 3, self.position, self.dataset.rank)
+                                  .integers(1 << 62)))
         loader = DataLoader(self.dataset, batch_size=self.dataset.batch_size, collate_fn=self.collate_fn,
-                            num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs)
+                            num_workers=self.num_workers, pin_memory=self.pin_memory, generator=generator, **kwargs)
         for batch in loader:
             self.position = min(self.position + self.dataset.global_batch, len(self.dataset.data))
             yield as_tensors(batch)

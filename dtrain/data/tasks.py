@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,14 +59,93 @@ class LabelMap:
 
     @classmethod
     def load(cls, path: str | Path) -> LabelMap:
+        """labels.json (or the dataset dir that holds it), checked against the dataset's manifest.json beside it:
+        the task, the number of labels and the label ids its shards hold (and their counts) must agree, so an
+        edited file cannot silently renumber the labels. `labels` is a list (id = position) or a mapping
+        {"name": id, ...} (read by id, which must run 0..n-1)."""
         path = Path(path)
         path = path / LABELS_FILE if path.is_dir() else path
+        if not path.exists() and (path.parent / "manifest.json").is_file():
+            from dtrain.data.shards import read_manifest
+
+            kind = read_manifest(path.parent).get("kind")
+            if kind != "finetune":
+                raise ShardError(f"{path.parent} was prepared for {kind!r} (`dtrain prepare {kind}`), not for "
+                                 f"fine-tuning: it has no labels; prepare labelled data with `dtrain prepare "
+                                 f"finetune`")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(data["task"], data["labels"], str(path))
+            task, raw = data["task"], data["labels"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ShardError(f"{path}: not a readable {LABELS_FILE} ({e}); pass the labels.json written by "
                              f"`dtrain prepare finetune` for the training set") from None
+        label_map = cls(task, _label_list(raw, path), str(path))
+        label_map._check_dataset(path.parent, data.get("counts"))
+        return label_map
+
+    def _check_dataset(self, folder: Path, counts: Any) -> None:
+        """The label map against the dataset it was written with (when labels.json sits in a dataset dir)."""
+        from dtrain.data.shards import MANIFEST, read_manifest
+
+        if not (folder / MANIFEST).is_file():
+            return  # a labels.json on its own (prepare --labels FILE): nothing to check it against
+        manifest = read_manifest(folder)
+        src, n = self.source, len(self.labels)
+        fix = "restore the labels.json that `dtrain prepare finetune` wrote, or prepare the data again"
+        if manifest.get("task", self.task) != self.task:
+            raise ShardError(f"{src} says task {self.task!r}, but {folder / MANIFEST} says {manifest.get('task')!r}; "
+                             f"{fix}")
+        if self.task in ("regression", "qa"):
+            return
+        want = manifest.get("num_labels")
+        if want is not None and want != n:
+            shown = ", ".join(self.labels[:10]) + (" ..." if n > 10 else "")
+            raise ShardError(f"{src} lists {n} labels ({shown}), but the dataset was prepared with {want} "
+                             f"({MANIFEST} num_labels); {fix}")
+        ids = _shard_label_ids(folder, manifest, self.task)
+        if ids is None:
+            return
+        if len(ids) and (ids.min() < 0 or ids.max() >= n):
+            raise ShardError(f"{src} has {n} labels, but the shards of {folder} hold label id {int(ids.max())}; "
+                             f"{fix}")
+        if isinstance(counts, dict) and self.task in ("classification", "pair", "multilabel"):
+            held = np.bincount(ids, minlength=n)
+            for i, name in enumerate(self.labels):
+                if int(counts.get(name, 0)) != int(held[i]):
+                    raise ShardError(f"{src}: label {name!r} has id {i}, but the shards hold {int(held[i])} "
+                                     f"examples with id {i} and labels.json counts {int(counts.get(name, 0))} "
+                                     f"{name!r} (the order of the labels was changed?); {fix}")
+
+    def check_trainable(self, values: Sequence[Any], where: Sequence[str], source: str) -> None:
+        """A training set's labels (no --labels given) must make a task that can train: one kind of label (names or
+        numbers, not both), and at least two classes (NER: at least one entity tag)."""
+        if self.task in ("regression", "qa"):
+            return
+        flat = [(v, w) for vs, w in zip(values, where, strict=True) for v in vs] \
+            if self.task in ("multilabel", "ner") else list(zip(values, where, strict=True))
+        if self.task != "ner" and flat:
+            first, first_at = flat[0]
+            kind = _is_number(first)
+            for v, at in flat:
+                if _is_number(v) != kind:
+                    names = [x for x in self.labels if not _is_number(x)][:4]
+                    numbers = [x for x in self.labels if _is_number(x)][:4]
+                    raise ShardError(f"{at}: label {v!r} is a {'number' if not kind else 'name'}, but {first_at} "
+                                     f"has the {'number' if kind else 'name'} {first!r}: labels that mix numbers "
+                                     f"({', '.join(numbers)}) and names ({', '.join(names)}) become "
+                                     f"{len(self.labels)} separate classes; give every row a name or every row a "
+                                     f"number")
+        if self.task == "multilabel" and not self.labels:
+            raise ShardError(f"{source}: no row has a label, so there is nothing to learn; give the rows their "
+                             f"labels (a JSON list or 'a;b')")
+        if self.task in ("classification", "pair") and len(self.labels) < 2:
+            raise ShardError(f"{source}: all {len(values)} examples have the label "
+                             f"{self.labels[0] if self.labels else None!r}, but a classifier needs two classes at "
+                             f"least; add examples of the other class(es) (a dev/test set: prepare it with "
+                             f"--labels <train dir>)")
+        if self.task == "ner" and not any(x != "O" for x in self.labels):
+            raise ShardError(f"{source}: every tag is O, so there is no entity to learn; add sentences with B-/I- "
+                             f"tags (a dev/test set: prepare it with --labels <train dir>)")
 
     def id(self, label: Any, where: str) -> int:
         try:
@@ -89,6 +169,60 @@ class LabelMap:
         data = {"task": self.task, "labels": self.labels,
                 "counts": {str(k): v for k, v in sorted((counts or {}).items())}, **(extra or {})}
         (out / LABELS_FILE).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) or bool(_NUMBER.match(str(value).strip()))
+
+
+def _label_list(raw: Any, path: Path) -> list[str]:
+    """labels.json's `labels`: a list of names (id = position), or a mapping name → id (or id → name) whose ids are
+    exactly 0..n-1; anything else is refused."""
+    fix = "write the labels as a list in id order, or as {\"name\": id} with the ids 0..n-1 each once"
+    if isinstance(raw, list):
+        labels = raw
+    elif isinstance(raw, dict):
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in raw.values()):
+            by_id = {v: str(k) for k, v in raw.items()}
+        elif all(isinstance(v, str) and str(k).isdigit() for k, v in raw.items()):
+            by_id = {int(k): v for k, v in raw.items()}
+        else:
+            raise ShardError(f"{path}: labels must map each name to its id (e.g. {{\"neg\": 0, \"pos\": 1}}); "
+                             f"{fix}")
+        if sorted(by_id) != list(range(len(raw))):
+            raise ShardError(f"{path}: label ids {sorted(raw.values(), key=str)} are not 0..{len(raw) - 1}, each "
+                             f"once; {fix}")
+        labels = [by_id[i] for i in range(len(raw))]
+    else:
+        raise ShardError(f"{path}: labels must be a list or a mapping, got {type(raw).__name__}; {fix}")
+    if not all(isinstance(x, str) for x in labels):
+        odd = [x for x in labels if not isinstance(x, str)][:3]
+        raise ShardError(f"{path}: labels must be names (strings), got {odd}; {fix}")
+    if len(set(labels)) != len(labels):
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        raise ShardError(f"{path}: labels {twice} appear twice; {fix}")
+    return labels
+
+
+def _shard_label_ids(folder: Path, manifest: dict[str, Any], task: str) -> np.ndarray | None:
+    """Every label id the shards hold (IGNORE dropped), or None when a shard cannot be read (the dataset's own
+    checks report that)."""
+    column = "labels" if task in ("multilabel", "ner") else "label"
+    parts = []
+    try:
+        for shard in manifest.get("shards", []):
+            table = pa.ipc.open_file(pa.memory_map(str(folder / shard["file"]), "r")).read_all()
+            array = table.column(column).combine_chunks()
+            if pa.types.is_list(array.type):
+                array = array.flatten()
+            parts.append(array.to_numpy(zero_copy_only=False).astype(np.int64))
+    except (OSError, KeyError, TypeError, pa.ArrowInvalid):
+        return None
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return ids[ids != IGNORE]
 
 
 def encode_rows(tok: Any, texts: list[str], pairs: list[str] | None, max_seq_len: int) -> dict[str, list]:

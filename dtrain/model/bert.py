@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from dtrain.errors import DtrainError
-from dtrain.model.presets import PRESETS, preset_config
+from dtrain.model.presets import preset_config
+from dtrain.model.source import check_bert, local_dir, preset_of
 
 IGNORE = -100
+ENCODER_KEY = "embeddings.word_embeddings.weight"  # no encoder weights in a checkpoint: refused
 
 
 @contextlib.contextmanager
@@ -48,15 +49,16 @@ def load_model(cls: Any, name_or_path: str, dropout: float | None = None, attn_i
                **config: Any) -> tuple[torch.nn.Module, list[str]]:
     """(model, names of the weights that start fresh) for a transformers model class.
 
-    `name_or_path` is a preset (random init) or a local checkpoint dir; nothing is downloaded."""
+    `name_or_path` (dtrain/model/source.py): `preset:NAME` or `tiny` (random init, only on request), a local
+    checkpoint dir, or a Hugging Face Hub id (pretrained weights from the HF cache, or the Hub when reachable). A
+    checkpoint must be BERT, and must hold BERT encoder weights: nothing starts from random weights unasked."""
     extra = _overrides(dropout, attn_implementation)
-    if name_or_path in PRESETS:
-        model = cls(preset_config(name_or_path, **config, **extra))
+    preset = preset_of(name_or_path)
+    if preset:
+        model = cls(preset_config(preset, **config, **extra))
         return model, [name for name, _ in model.named_parameters()]
-    path = Path(name_or_path)
-    if not (path / "config.json").is_file():
-        raise DtrainError(f"model.name_or_path {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a "
-                          f"local checkpoint dir with config.json; fix model.name_or_path")
+    path = local_dir(name_or_path)
+    check_bert(path)
     try:
         with quiet_transformers():
             model, info = cls.from_pretrained(str(path), output_loading_info=True, local_files_only=True,
@@ -67,7 +69,14 @@ def load_model(cls: Any, name_or_path: str, dropout: float | None = None, attn_i
     if info.get("mismatched_keys"):
         raise DtrainError(f"{path}: weights do not fit the model ({info['mismatched_keys'][0]} ...); check "
                           f"model.name_or_path and the task's label count")
-    return model, sorted(info.get("missing_keys", []))
+    missing = sorted(info.get("missing_keys", []))
+    if any(k.split(".", 1)[-1] == ENCODER_KEY or k == ENCODER_KEY for k in missing):
+        unexpected = sorted(info.get("unexpected_keys", []))
+        found = f"it holds {unexpected[0]} ..." if unexpected else "it holds none of them"
+        raise DtrainError(f"{path}: config.json says BERT, but the weights have no BERT encoder ({ENCODER_KEY} "
+                          f"missing; {found}); point model.name_or_path at a BERT checkpoint, or write "
+                          f"preset:NAME for a random-init model")
+    return model, missing
 
 
 def fresh_summary(missing: list[str]) -> str:
@@ -75,7 +84,7 @@ def fresh_summary(missing: list[str]) -> str:
     if not missing:
         return "all weights loaded from the checkpoint"
     if any(k.startswith(("bert.embeddings", "embeddings")) for k in missing):
-        return "random init (preset or no encoder weights in the checkpoint)"
+        return "random init (a preset: no pretrained weights)"
     heads = sorted({".".join(k.split(".")[:2] if k.count(".") > 1 else k.split(".")[:1]) for k in missing})
     return "fresh (not in the checkpoint): " + ", ".join(heads)
 

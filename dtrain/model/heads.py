@@ -49,6 +49,9 @@ def task_model(task: str, name_or_path: str, labels: Sequence[str], dropout: flo
     """The HF model of the task with label names in its config (so pipeline() prints them)."""
     import transformers
 
+    if task in ("classification", "pair") and len(labels) < 2:
+        raise DtrainError(f"the training set's labels.json has {len(labels)} label(s) {list(labels)}, but a "
+                          f"classifier needs two classes at least; prepare a training set with examples of each class")
     extra: dict[str, Any] = {}
     if task in PROBLEM_TYPE:
         extra["problem_type"] = PROBLEM_TYPE[task]

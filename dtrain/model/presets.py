@@ -1,4 +1,7 @@
-"""Named BERT shapes. A preset is an architecture with random weights; a checkpoint dir brings its own."""
+"""Named BERT shapes with random weights, asked for as `model.name_or_path=preset:NAME` (the bare `tiny` too).
+
+A bare `bert-base-uncased` is the Hugging Face Hub id of Google's pretrained checkpoint, never this preset: random
+init happens only when it is asked for (dtrain/model/source.py)."""
 
 from __future__ import annotations
 

@@ -30,6 +30,10 @@ def test_early_stopping_stops_at_the_evaluation_that_runs_out_of_patience(sentim
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert [h["step"] for h in report["eval_history"]] == [0, 10, 20]
     assert report["steps"] == 20 and "early stopping: accuracy has not improved for 2 evaluations" in result.stdout
+    # the step-0 baseline counts for patience but is never the model kept: the best trained one (step 10) is
+    assert report["baseline"] == report["eval_history"][0]["accuracy"] and "never the model kept" in report["selection"]
+    assert (report["best_step"], report["model_step"]) == (10, 10)
+    assert report["best"] == report["eval_history"][1]["accuracy"]
 
 
 def test_the_best_checkpoint_is_kept_tested_and_exported(sentiment, tokenizer_dir, tmp_path):

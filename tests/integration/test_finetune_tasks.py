@@ -29,8 +29,11 @@ def finetune(tmp_path, tokenizer_dir, data, *extra, steps=80):
                                                  ("ner", "f1", 0.8), ("qa", "f1", 0.3)])
 def test_task_trains_reports_and_serves(task, metric, floor, tokenizer_dir, tmp_path):
     data = write_task(task, tmp_path / "data", tokenizer_dir)
-    result, report = finetune(tmp_path, tokenizer_dir, data, f"task.type={task}",
-                              steps=80 if task in ("regression", "ner") else 160)
+    # multilabel at lr 3e-3 for 160 steps depends on the dropout stream (seed 42 collapses to micro-F1 0.74, seeds
+    # 1-3 reach 0.85-1.0); at 2e-3 for 240 steps seed 42 reaches 1.0 (seeds 1-3: 1.0, 0.85, 1.0)
+    lr = ["optim.lr=2e-3"] if task == "multilabel" else []
+    result, report = finetune(tmp_path, tokenizer_dir, data, f"task.type={task}", *lr,
+                              steps={"regression": 80, "ner": 80, "multilabel": 240}.get(task, 160))
     assert report["task"] == task and report["metric"] == metric
     assert report["test"][metric] >= floor, report["test"]
     assert f"test set {data['test']}" in result.stdout
@@ -63,16 +66,16 @@ def test_task_trains_reports_and_serves(task, metric, floor, tokenizer_dir, tmp_
 def test_predict_writes_one_line_per_input_for_each_task(tokenizer_dir, tmp_path):
     data = write_task("ner", tmp_path / "data", tokenizer_dir)
     finetune(tmp_path, tokenizer_dir, data, "task.type=token_classification")
-    (tmp_path / "in.txt").write_text("the team of music was\nof the a\n")
+    (tmp_path / "in.txt").write_text("the team of music was\n\nof the a\n")  # an empty line is a row too
     out = run_cli("predict", "--model", str(tmp_path / "run"), "--input", str(tmp_path / "in.txt"), "--output",
                   str(tmp_path / "preds.jsonl"))
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
-    assert [r["text"] for r in rows] == ["the team of music was", "of the a"]
+    assert [r["text"] for r in rows] == ["the team of music was", "", "of the a"]
     org = [e for e in rows[0]["entities"] if e["type"] == "ORG"]
     assert org and org[0]["text"].startswith("team") and org[0]["start"] == 4
     assert "the team of music was"[org[0]["start"]:org[0]["end"]] == org[0]["text"]
-    assert rows[1]["entities"] == []
+    assert rows[1]["entities"] == [] and rows[2]["entities"] == []
     again = run_cli("predict", "--model", str(tmp_path / "run"), "--input", str(tmp_path / "in.txt"), "--output",
                     str(tmp_path / "preds.jsonl"))
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr

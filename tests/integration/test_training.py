@@ -79,7 +79,8 @@ def test_debug_pretrain_learns_checkpoints_logs_and_exports(corpus_data, tokeniz
 
 
 def test_resume_gives_the_same_losses_and_weights(corpus_data, tokenizer_dir, tmp_path):
-    common = ("schedule.max_steps=8", "checkpoint.every_steps=100", "data.eval=null", "checkpoint.export=false")
+    common = ("schedule.max_steps=8", "checkpoint.every_steps=100", "data.eval=null", "checkpoint.export=false",
+              "model.dropout=null")  # dropout as the model has it (on): resume restores its random stream exactly
     straight = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path / "a", *common))
     first = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path / "b", *common,
                                                   "schedule.stop_at_step=4"))
@@ -98,6 +99,7 @@ def test_resume_gives_the_same_losses_and_weights(corpus_data, tokenizer_dir, tm
 
 
 def test_accumulation_and_ranks_split_the_same_global_batch(corpus_data, tokenizer_dir, tmp_path):
+    # dropout stays off (pretrain_args): other splits of a batch legitimately draw other dropout masks
     common = ("schedule.max_steps=4", "data.eval=null", "checkpoint.export=false", "data.micro_batch_size=8")
     one = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path / "one", *common))
     accum = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path / "accum", *common,
@@ -156,7 +158,7 @@ def test_resume_into_a_different_model_shape_is_refused(corpus_data, tokenizer_d
                                                   "data.eval=null", "checkpoint.export=false"))
     assert first.returncode == 0, first.stderr[-2000:]
     other = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path / "r", "schedule.max_steps=4",
-                                                  "data.eval=null", "model.name_or_path=bert-base-uncased"))
+                                                  "data.eval=null", "model.name_or_path=preset:bert-base-uncased"))
     errors = [line for line in other.stderr.splitlines() if line.startswith("dtrain: error:")]
     assert other.returncode == 2 and len(errors) == 1, other.stderr[-2000:]
     assert "does not fit this model/optimizer" in errors[0] and "checkpoint.resume=none" in errors[0]
@@ -216,6 +218,7 @@ def test_ddp_mixed_precision_on_two_ranks_learns(corpus_data, tokenizer_dir, tmp
 def test_ddp_resume_at_another_world_size_continues_the_same_run(corpus_data, tokenizer_dir, tmp_path):
     """Stop a 2-rank run (micro 4) at step 2 and finish it on 1 rank (micro 8): the same global batches, the same
     losses as an uninterrupted 1-rank run."""
+    # dropout stays off (pretrain_args): 2 ranks of 4 and 1 of 8 legitimately draw other dropout masks
     common = ("schedule.max_steps=4", "data.eval=null", "checkpoint.export=false")
     straight = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path / "a", *common,
                                                      "data.micro_batch_size=8"))

@@ -214,6 +214,9 @@ def test_node_loss_ends_the_survivor_at_once_and_the_run_resumes_on_one_node(slu
         slurm.wait_job(job, timeout=60)
         latest = latest_checkpoint(run_dir / "checkpoints")
         assert latest is not None and damage(latest) is None and latest.name in ("step-00000010", "step-00000015")
+        status = json.loads((run_dir / "status.json").read_text())  # the survivor recorded why, and where to resume
+        assert status["state"] == "failed" and status["reason"] == error.removeprefix("dtrain: error: ") and \
+            status["checkpoint"] == str(latest), status
         resumed_at = int(latest.name.split("-")[1])
         again = sbatch(slurm, tmp_path, run_dir, overrides, nodes=1)
         out = completed(slurm, tmp_path, again)

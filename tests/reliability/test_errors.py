@@ -17,9 +17,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ CUDA = torch.cuda.is_available()
 
 @dataclass(frozen=True)
 class Case:
-    category: str  # config, data, checkpoint, launch
+    category: str  # config, run, data, checkpoint, outputs, concurrency, launch
     name: str
     command: tuple[str, ...]
     message: str  # the whole stderr line
@@ -55,6 +56,9 @@ FINETUNE = (PY, "-m", "dtrain.finetune", "--config", "configs/finetune/debug.yam
 PREPARE_FT = (*DTRAIN, "prepare", "finetune", "--out", "{files}/prepared", "--tokenizer", "{tokenizer}",
               "--workers", "1")
 E = "dtrain: error: "
+PREDICT = (*DTRAIN, "predict", "--model", "{run_dir}", "--input", "{files}/reviews.txt", "--output",
+           "{files}/preds.jsonl")
+TWO_LABELS = "".join(json.dumps({"text": "the growth", "label": v}) + "\n" for v in ("pos", "neg") * 2)
 
 CASES = [
     # -- config: YAML, keys, values, combinations --------------------------------------------------------------------
@@ -62,7 +66,7 @@ CASES = [
          E + "unknown key optim.lrr — did you mean optim.lr? (command-line override optim.lrr=1e-4)"),
     Case("config", "wrong-type",
          (*DTRAIN, "config", "show", "--config", "configs/finetune/debug.yaml", "data.micro_batch_size=lots"),
-         E + "data.micro_batch_size: expected int, got 'lots' (str) (command-line override "
+         E + "data.micro_batch_size: expected int, got lots (command-line override "
              "data.micro_batch_size=lots)"),
     Case("config", "out-of-range",
          (*DTRAIN, "config", "show", "--config", "configs/pretrain/debug.yaml", "schedule.grad_accum_steps=0"),
@@ -89,6 +93,33 @@ CASES = [
     Case("config", "unknown-eval-metric", (*FINETUNE, "data.eval={dev}", "eval.metric=f1"),
          E + "eval.metric=f1: the evaluation reports accuracy, loss, macro_f1, macro_precision, macro_recall, support, "
              "weighted_f1, weighted_precision, weighted_recall; set eval.metric to one of them"),
+    Case("config", "seed-out-of-range",
+         (*DTRAIN, "config", "show", "--config", "configs/pretrain/debug.yaml", "seed=-1"),
+         E + "seed: must be >= 0, got -1 (command-line override seed=-1)"),
+    Case("config", "config-is-a-directory", (*FINETUNE, "run_dir={run_dir}", "--config", "{files}"),
+         E + "config file <files> is a directory, not a file; pass an existing YAML file to --config"),
+    Case("config", "missing-base-file", (*DTRAIN, "config", "show", "--config", "{files}/run.yaml"),
+         E + "<files>/run.yaml: base file <files>/sentiment.yaml not found; fix the base: entry (a path relative to "
+             "<files>)",
+         files={"run.yaml": "base: sentiment.yaml\noptim:\n  lr: 1e-4\n"}),
+    # -- run: where a run writes ---------------------------------------------------------------------------------------
+    Case("run", "run-dir-is-an-input", (*FINETUNE, "run_dir={train}"),
+         E + "run_dir=<train> is also data.train <train>; write the output to another path"),
+    Case("run", "run-dir-holds-an-input", (*FINETUNE, "run_dir={files}", "data.eval={files}/dev"),
+         E + "run_dir=<files> contains data.eval <files>/dev; write the output to a path that does not hold the "
+             "command's inputs",
+         files={"dev/notes.txt": "the user's notes\n"}),
+    Case("run", "run-dir-is-a-file", (*FINETUNE, "run_dir={files}/notes.txt"),
+         E + "run_dir=<files>/notes.txt is a file, not a folder; point run_dir at a new folder or an earlier run's "
+             "folder",
+         files={"notes.txt": "my notes\n"}),
+    Case("run", "run-dir-under-a-file", (*FINETUNE, "run_dir={files}/notes.txt/run"),
+         E + "run_dir=<files>/notes.txt/run: <files>/notes.txt is a file, so the run dir cannot be created under it; "
+             "point run_dir elsewhere",
+         files={"notes.txt": "my notes\n"}),
+    Case("run", "run-dir-not-writable", (*FINETUNE, "run_dir=/sys/dtrain-run"),
+         E + "run_dir=/sys/dtrain-run: cannot create files in /sys (Permission denied); point run_dir at a folder you "
+             "can write"),
     # -- data: `dtrain prepare` inputs ---------------------------------------------------------------------------------
     Case("data", "prepare-output-exists",
          (*DTRAIN, "prepare", "pretrain", "{corpus}", "--out", "{data}", "--tokenizer", "{tokenizer}"),
@@ -106,6 +137,9 @@ CASES = [
              "prepare the training set so that it includes it",
          files={"dev.jsonl": "".join(json.dumps({"text": "the growth", "label": label}) + "\n"
                                      for label in ("pos", "neg", "meh"))}),
+    Case("data", "prepare-text-not-a-string", (*PREPARE_FT, "{files}/reviews.jsonl"),
+         E + "<files>/reviews.jsonl line 2: 'text' must be a string, got 5; quote it or fix the row",
+         files={"reviews.jsonl": '{"text": "the growth", "label": "pos"}\n{"text": 5, "label": "neg"}\n'}),
     Case("data", "prepare-missing-text-column", (*PREPARE_FT, "{files}/reviews.csv"),
          E + "<files>/reviews.csv: no column 'text' in the header (columns: review, label); rename the column or pass "
              "--text-field",
@@ -113,6 +147,12 @@ CASES = [
     # -- data: prepared datasets and label maps given to a run ---------------------------------------------------------
     Case("data", "train-not-set", (*FINETUNE, "run_dir={run_dir}", "data.train=null"),
          E + "data.train is not set; point it at a dataset dir made by `dtrain prepare finetune`"),
+    Case("data", "finetune-on-pretraining-data", (*FINETUNE, "data.train={data}"),
+         E + "<data> was prepared for 'pretrain' (`dtrain prepare pretrain`), not for fine-tuning: it has no labels; "
+             "prepare labelled data with `dtrain prepare finetune`"),
+    Case("data", "train-is-a-file", (*FINETUNE, "data.train={train}/labels.json"),
+         E + "<train>/labels.json is a file, not a dataset dir; point at the folder that holds manifest.json "
+             "(<train>)"),
     Case("data", "train-not-prepared", (*PRETRAIN, "data.train={corpus}"),
          E + "<corpus> has no manifest.json: not a prepared dataset (or preparation did not finish); run `dtrain "
              "prepare`"),
@@ -125,6 +165,68 @@ CASES = [
     Case("data", "shard-corrupted", (*PRETRAIN, "data.train={corrupted}", "data.verify=full"),
          E + "shard <corrupted>/shard-00000.arrow fails its checksum (sha256 differs from manifest.json); the file is "
              "corrupted: re-run `dtrain prepare` for <corrupted>"),
+    # -- model: what model.name_or_path and --tokenizer name (issue 15, items 5-6) -------------------------------------
+    Case("model", "model-hub-id-not-cached", (*FINETUNE, "model.name_or_path=bert-base-uncased"),
+         E + "model.name_or_path=bert-base-uncased: no such local dir, not in the Hugging Face cache "
+             "(<files>/hf-cache), and the Hub is not reachable (HF_HUB_OFFLINE=1); download it where there is network "
+             "(`hf download bert-base-uncased`, then copy the cache or set HF_HUB_CACHE), point model.name_or_path at "
+             "a local checkpoint dir, or write preset:bert-base-uncased for a randomly initialised model of that shape",
+         env={"HF_HUB_CACHE": "{files}/hf-cache"}),
+    Case("model", "model-dir-missing", (*FINETUNE, "model.tokenizer=null", "model.name_or_path={files}/minilm"),
+         E + "model.name_or_path=<files>/minilm: no such dir; point it at a local checkpoint dir (or a Hugging Face "
+             "Hub id, or preset:NAME for a random-init preset)"),
+    Case("model", "model-not-bert", (*FINETUNE, "model.name_or_path={gpt_checkpoint}"),
+         E + "<gpt_checkpoint>/config.json: model_type 'gpt2' (GPT2LMHeadModel) is not BERT; dtrain trains BERT "
+             "models (model_type bert: BERT, MiniLM and other BERT-architecture checkpoints); point model.name_or_path "
+             "at a BERT checkpoint"),
+    Case("model", "tokenizer-without-vocabulary",
+         (*DTRAIN, "prepare", "pretrain", "{corpus}", "--out", "{files}/prepared", "--tokenizer", "{files}/tok",
+          "--workers", "1"),
+         E + "tokenizer <files>/tok: no tokenizer files in the dir (none of tokenizer.json, vocab.txt, vocab.json "
+             "...), so every word would be [UNK]; pass the dir of a checkpoint that includes its tokenizer (e.g. the "
+             "minilm example from `dtrain fetch-examples`)",
+         files={"tok/config.json": json.dumps({"model_type": "bert", "hidden_size": 64})}),
+    # -- labels: label sets that cannot train, labels.json that does not fit its dataset (items 7-8) -------------------
+    Case("labels", "labels-json-renumbered", (*FINETUNE, "data.train={relabelled}"),
+         E + "<relabelled>/labels.json lists 3 labels (neg, unused, pos), but the dataset was prepared with 2 "
+             "(manifest.json num_labels); restore the labels.json that `dtrain prepare finetune` wrote, or prepare the "
+             "data again"),
+    Case("labels", "prepare-mixed-labels", (*PREPARE_FT, "{files}/rows.jsonl"),
+         E + "<files>/rows.jsonl line 2: label '1' is a number, but <files>/rows.jsonl line 1 has the name 'pos': "
+             "labels that mix numbers (0, 1) and names (neg, pos) become 4 separate classes; give every row a name or "
+             "every row a number",
+         files={"rows.jsonl": "".join(json.dumps({"text": "the growth", "label": v}) + "\n"
+                                      for v in ("pos", 1, "neg", 0))}),
+    Case("labels", "prepare-one-class", (*PREPARE_FT, "{files}/rows.jsonl"),
+         E + "<files>/rows.jsonl: all 5 examples have the label 'pos', but a classifier needs two classes at least; "
+             "add examples of the other class(es) (a dev/test set: prepare it with --labels <train dir>)",
+         files={"rows.jsonl": (json.dumps({"text": "the growth", "label": "pos"}) + "\n") * 5}),
+    Case("labels", "prepare-one-document",
+         (*DTRAIN, "prepare", "pretrain", "{files}/corpus", "--out", "{files}/prepared", "--tokenizer", "{tokenizer}",
+          "--workers", "1"),
+         E + "<files>/corpus: one document only, but NSP pairs need a segment of another document; add documents (or "
+             "--doc-split blank-line if blank lines separate the documents of a file)",
+         files={"corpus/a.txt": "The market was up. The team won the game. The bank rate fell.\n"}),
+    # -- bounds: sequence lengths and workers (items 9-10) -------------------------------------------------------------
+    Case("bounds", "prepare-max-seq-len-too-small", (*PREPARE_FT, "{files}/rows.jsonl", "--max-seq-len", "0"),
+         E + "--max-seq-len 0: must be at least 8 (room for [CLS], [SEP] and some text); BERT data is usually prepared "
+             "at 128 or 512",
+         files={"rows.jsonl": TWO_LABELS}),
+    Case("bounds", "prepare-max-seq-len-over-model",
+         (*DTRAIN, "prepare", "finetune", "{files}/rows.jsonl", "--out", "{files}/prepared", "--tokenizer",
+          "{bounded_tokenizer}", "--workers", "1", "--max-seq-len", "4000"),
+         E + "--max-seq-len 4000: longer than the model of tokenizer <bounded_tokenizer> takes (512 tokens, its "
+             "model_max_length); use --max-seq-len 512 or less",
+         files={"rows.jsonl": TWO_LABELS}),
+    Case("bounds", "prepare-workers-zero",
+         (*DTRAIN, "prepare", "finetune", "{files}/rows.jsonl", "--out", "{files}/prepared", "--tokenizer",
+          "{tokenizer}", "--workers", "0"),
+         E + "--workers 0: must be at least 1 (1 tokenizes in this process; leave it out for one process per core, at "
+             "most 8)",
+         files={"rows.jsonl": TWO_LABELS}),
+    Case("bounds", "train-longer-than-model", (*FINETUNE, "data.train={long_train}"),
+         E + "data.train=<long_train> holds sequences of up to 602 tokens (prepared with --max-seq-len 1000), but the "
+             "model takes at most 512 (max_position_embeddings); prepare it again with --max-seq-len 512 or less"),
     # -- checkpoint, resume, export, predict ---------------------------------------------------------------------------
     Case("checkpoint", "resume-missing-checkpoint",
          (*FINETUNE, "checkpoint.resume={run_dir}/checkpoints/step-00000099"),
@@ -136,13 +238,85 @@ CASES = [
              "state_dict for BertForSequenceClassification:); resume with the config it was written with, or start "
              "fresh (checkpoint.resume=none or another run_dir)"),
     Case("checkpoint", "export-output-not-empty", (*DTRAIN, "export", "{run_dir}", "{files}/hf"),
-         E + "<files>/hf already exists and is not empty; choose another output dir or pass --overwrite",
+         E + "OUT <files>/hf exists and is a folder of other files, not an export dir; choose another output dir "
+             "(--overwrite replaces only an export dir)",
          files={"hf/README.md": "the model card\n"}),
     Case("checkpoint", "predict-output-exists",
          (*DTRAIN, "predict", "--model", "{run_dir}", "--input", "{files}/reviews.txt", "--output",
           "{files}/predictions.jsonl"),
          E + "--output <files>/predictions.jsonl exists; pass --overwrite or choose another file",
-         files={"reviews.txt": "the growth\nthe police\n", "predictions.jsonl": '{"text": "the growth"}\n'}),
+         files={"reviews.txt": "the growth\nthe police\n", "predictions.jsonl":
+                '{"text": "the growth", "label": "pos", "score": 0.9, "probabilities": {"neg": 0.1, "pos": 0.9}}\n'}),
+    Case("checkpoint", "predict-batch-size-zero", (*PREDICT, "--batch-size", "0"),
+         E + "--batch-size 0: pass a whole number >= 1", files={"reviews.txt": "the growth\n"}),
+    Case("checkpoint", "predict-max-seq-len-over-model", (*PREDICT, "--max-seq-len", "4000"),
+         E + "--max-seq-len 4000: the model has 512 positions; pass at most that (or leave it out)",
+         files={"reviews.txt": "the growth\n"}),
+    Case("checkpoint", "predict-empty-input",
+         (*DTRAIN, "predict", "--model", "{run_dir}", "--input", "{files}/empty.txt", "--output",
+          "{files}/preds.jsonl"),
+         E + "--input <files>/empty.txt: holds no rows to predict (the file is empty); pass a file with one text per "
+             "line or row",
+         files={"empty.txt": ""}),
+    Case("checkpoint", "evaluate-threshold-out-of-range",
+         (*DTRAIN, "evaluate", "--model", "{run_dir}", "--data", "{dev}", "--threshold", "2"),
+         E + "--threshold 2: a probability between 0 and 1 (exclusive), e.g. 0.5"),
+    # -- outputs: an output is never an input, inside or above one; --overwrite replaces only the same kind -----------
+    Case("outputs", "export-into-its-run", (*DTRAIN, "export", "{run_dir}", "{run_dir}", "--overwrite"),
+         E + "OUT <run_dir> contains the checkpoint <run_dir>/checkpoints/step-00000001; write the output to a path "
+             "that does not hold the command's inputs"),
+    Case("outputs", "export-into-checkpoints", (*DTRAIN, "export", "{run_dir}", "{run_dir}/checkpoints", "--overwrite"),
+         E + "OUT <run_dir>/checkpoints contains the checkpoint <run_dir>/checkpoints/step-00000001; write the output "
+             "to a path that does not hold the command's inputs"),
+    Case("outputs", "prepare-overwrite-foreign-dir",
+         (*DTRAIN, "prepare", "pretrain", "{corpus}", "--out", "{files}/mine", "--tokenizer", "{tokenizer}",
+          "--overwrite"),
+         E + "--out <files>/mine exists and is a folder of other files, not a dataset dir; choose another output dir "
+             "(--overwrite replaces only a dataset dir)",
+         files={"mine/notes.txt": "my notes\n"}),
+    Case("outputs", "prepare-overwrite-file",
+         (*DTRAIN, "prepare", "pretrain", "{corpus}", "--out", "{files}/notes.txt", "--tokenizer", "{tokenizer}",
+          "--overwrite"),
+         E + "--out <files>/notes.txt is a file dtrain did not write, not a directory; choose a new directory for the "
+             "output",
+         files={"notes.txt": "my notes\n"}),
+    Case("outputs", "prepare-out-under-a-file",
+         (*DTRAIN, "prepare", "pretrain", "{corpus}", "--out", "{files}/notes.txt/data", "--tokenizer", "{tokenizer}"),
+         E + "--out <files>/notes.txt/data: <files>/notes.txt is a file, so <files>/notes.txt/data cannot be created "
+             "under it; choose another path",
+         files={"notes.txt": "my notes\n"}),
+    Case("outputs", "prepare-out-not-writable",
+         (*DTRAIN, "prepare", "pretrain", "{corpus}", "--out", "/proc/dtrain-data/data", "--tokenizer", "{tokenizer}"),
+         E + "--out /proc/dtrain-data/data: cannot create files in /proc (No such file or directory); choose a path in "
+             "a folder you can write"),
+    Case("outputs", "prepare-out-inside-input",
+         (*DTRAIN, "prepare", "pretrain", "{files}/corpus", "--out", "{files}/corpus/data", "--tokenizer",
+          "{tokenizer}"),
+         E + "--out <files>/corpus/data lies inside the input <files>/corpus; write the output outside it",
+         files={"corpus/a.txt": "The growth was strong. The police came.\n"}),
+    Case("outputs", "predict-output-is-input",
+         (*DTRAIN, "predict", "--model", "{run_dir}", "--input", "{files}/reviews.jsonl", "--output",
+          "{files}/reviews.jsonl", "--overwrite"),
+         E + "--output <files>/reviews.jsonl is also --input <files>/reviews.jsonl; write the output to another path",
+         files={"reviews.jsonl": '{"text": "the growth"}\n'}),
+    Case("outputs", "predict-output-is-a-directory",
+         (*DTRAIN, "predict", "--model", "{run_dir}", "--input", "{files}/reviews.txt", "--output", "{files}/out"),
+         E + "--output <files>/out is a directory; name a file, e.g. <files>/out/predictions.jsonl",
+         files={"reviews.txt": "the growth\n", "out/keep.txt": "mine\n"}),
+    Case("outputs", "predict-overwrite-foreign-file",
+         (*DTRAIN, "predict", "--model", "{run_dir}", "--input", "{files}/reviews.txt", "--output",
+          "{files}/notes.jsonl", "--overwrite"),
+         E + "--output <files>/notes.jsonl exists and is a file dtrain did not write, not a predictions file of dtrain "
+             "predict; choose another file (--overwrite replaces only a predictions file of dtrain predict)",
+         files={"reviews.txt": "the growth\n", "notes.jsonl": '{"text": "mine"}\n'}),
+    # -- concurrency: one run per run dir, one writer per output (flock locks that die with their process) ------------
+    Case("concurrency", "run-dir-in-use", (*FINETUNE, "run_dir={held_run}"),
+         E + "run_dir=<held_run> is in use by another dtrain run (<lock_holder>); wait for it to finish or stop it, "
+             "or choose another run_dir"),
+    Case("concurrency", "prepare-output-in-use",
+         (*DTRAIN, "prepare", "pretrain", "{corpus}", "--out", "{held_out}", "--tokenizer", "{tokenizer}"),
+         E + "--out <held_out> is being written by another dtrain process (<lock_holder>); wait for it to finish or "
+             "choose another output"),
     # -- launch: slurm/*.sh outside Slurm, launch.torchrun, launch.submit ---------------------------------------------
     Case("launch", "slurm-missing-config", ("bash", "slurm/finetune.sh"),
          "dtrain-slurm: error: DTRAIN_CONFIG=configs/finetune/sentiment.yaml: no such file (relative paths start at "
@@ -265,6 +439,80 @@ def three_labels(tmp_path_factory, tokenizer) -> Path:
     (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     prepare_finetune([str(root / "rows.jsonl")], root / "data", str(tokenizer), max_seq_len=32, workers=1)
     return root / "data"
+
+
+@pytest.fixture(scope="session")
+def gpt_checkpoint(tmp_path_factory) -> Path:
+    """A GPT-2 checkpoint dir (a tiny one) with BERT tokenizer files beside it: not a BERT model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("gpt2") / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=200)).save_pretrained(str(path))
+    return make_tokenizer(path)
+
+
+@pytest.fixture(scope="session")
+def relabelled(tmp_path_factory, train) -> Path:
+    """The training set with an edited labels.json: a third label inserted, so that ids shift."""
+    path = Path(shutil.copytree(train, tmp_path_factory.mktemp("relabelled") / "train"))
+    data = json.loads((path / "labels.json").read_text())
+    (path / "labels.json").write_text(json.dumps({**data, "labels": ["neg", "unused", "pos"]}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def bounded_tokenizer(tmp_path_factory, tokenizer) -> Path:
+    """The test tokenizer with model_max_length 512, as BERT's tokenizers have."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("bounded_tokenizer")
+    AutoTokenizer.from_pretrained(str(tokenizer), model_max_length=512).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def long_train(tmp_path_factory, tokenizer) -> Path:
+    """A training set of 602-token rows, prepared at --max-seq-len 1000 with a tokenizer that knows no limit."""
+    from dtrain.data.prepare import prepare_finetune
+    from tests.conftest import WORDS
+
+    root = tmp_path_factory.mktemp("long_train")
+    text = " ".join(WORDS[i % 60] for i in range(600))
+    (root / "rows.jsonl").write_text("".join(json.dumps({"text": text, "label": v}) + "\n" for v in ("pos", "neg") * 4))
+    prepare_finetune([str(root / "rows.jsonl")], root / "data", str(tokenizer), max_seq_len=1000, workers=1)
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def lock_holder_process(tmp_path_factory) -> Iterator[dict[str, object]]:
+    """Another live process holding the locks a running run (on held_run) and a running prepare (of held_out) hold."""
+    root = tmp_path_factory.mktemp("held")
+    run, out = root / "run", root / "data"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: a run in progress\n")
+    code = ("import sys, time; from dtrain.locks import acquire_lock; [acquire_lock(p, 'busy', 'x') for p in "
+            "sys.argv[1:]]; print('held', flush=True); time.sleep(3600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run / ".dtrain.lock"), str(root / ".data.lock")],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    yield {"run": run, "out": out, "holder": f"host {socket.gethostname()}, pid {proc.pid}"}
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="session")
+def held_run(lock_holder_process) -> Path:
+    return lock_holder_process["run"]
+
+
+@pytest.fixture(scope="session")
+def held_out(lock_holder_process) -> Path:
+    return lock_holder_process["out"]
+
+
+@pytest.fixture(scope="session")
+def lock_holder(lock_holder_process) -> str:
+    return lock_holder_process["holder"]
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ def test_config_show_typo_and_wrong_type_fail_in_one_line(cli):
                            "(command-line override optim.lrr=1e-4)\n")
     wrong = cli("config", "show", "data.max_seq_len=long")
     assert wrong.returncode == 2
-    assert wrong.stderr == ("dtrain: error: data.max_seq_len: expected int, got 'long' (str) "
+    assert wrong.stderr == ("dtrain: error: data.max_seq_len: expected int, got long "
                             "(command-line override data.max_seq_len=long)\n")
 
 

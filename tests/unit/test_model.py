@@ -17,15 +17,20 @@ def test_preset_shapes():
     assert (base.hidden_size, base.num_hidden_layers, base.num_attention_heads, base.vocab_size) == (768, 12, 12,
                                                                                                     30522)
     assert preset_config("bert-large-cased").vocab_size == 28996 and set(PRESETS) >= {"tiny", "bert-large-uncased"}
-    model, fresh = pretraining_model("bert-base-uncased")
+    model, fresh = pretraining_model("preset:bert-base-uncased")  # random init only when asked for
     assert 109e6 < count_parameters(model) < 111e6  # BERT-base with its MLM/NSP heads: 110M
     assert model.config._attn_implementation == "sdpa" and fresh
 
 
-def test_unknown_model_is_a_one_line_error(tmp_path):
-    with pytest.raises(DtrainError, match=r"model\.name_or_path 'bert-huge' is neither a preset \(tiny, "):
+def test_unknown_model_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(DtrainError, match=r"model\.name_or_path=bert-huge: no such local dir, not in the Hugging "
+                                          r"Face cache \(.*hf-cache\), and the Hub is not reachable"):
         pretraining_model("bert-huge")
-    with pytest.raises(DtrainError, match=r"neither a preset .* nor a local checkpoint dir with config\.json"):
+    with pytest.raises(DtrainError, match=r"no preset 'bert-huge'; the random-init presets are preset:tiny, "):
+        pretraining_model("preset:bert-huge")
+    with pytest.raises(DtrainError, match=r"no config\.json in the dir, so not a Hugging Face checkpoint"):
         pretraining_model(str(tmp_path))
 
 

@@ -55,7 +55,9 @@ def test_jsonl_hf_datasets_and_blank_line_documents(tmp_path, tokenizer_dir):
     assert m["documents"] == 2
     (tmp_path / "wiki.txt").write_text("\n\n".join(texts) + "\n")
     assert pre([tmp_path / "wiki.txt"], tmp_path / "c", tokenizer_dir, doc_split="blank-line")["documents"] == 2
-    assert pre([tmp_path / "wiki.txt"], tmp_path / "d", tokenizer_dir)["documents"] == 1
+    with pytest.raises(ShardError, match=r"wiki\.txt: one document only, but NSP pairs need a segment of another "
+                                         r"document; add documents \(or --doc-split blank-line"):
+        pre([tmp_path / "wiki.txt"], tmp_path / "d", tokenizer_dir)  # as one document: nothing to pair it with
 
 
 def test_refuses_existing_dir_and_overwrite_replaces_only_when_done(tmp_path, tokenizer_dir):
