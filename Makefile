@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 lint: install
-	$(VENV)/bin/ruff check dtrain launch tests
+	$(VENV)/bin/ruff check dtrain launch tests bench
 
 test: lint
 	$(VENV)/bin/python -m pytest

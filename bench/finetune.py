@@ -106,24 +106,12 @@ def run_hf(model_dir: Path, tok, train, test, num_labels: int, args, group: bool
             "accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
 
 
-def flatten(obj: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in obj.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 def test_accuracy(run_dir: Path) -> float:
-    """From test_report.json {"accuracy"} or report.json {"test": {"accuracy"}} (or flat variants of those)."""
-    found = {}
-    for name in ("test_report.json", "report.json"):
-        if (run_dir / name).exists():
-            found.update(flatten(json.loads((run_dir / name).read_text())))
-            for key in ("accuracy", "test.accuracy", "test_accuracy", "test/accuracy"):
-                if key in found:
-                    return float(found[key])
-    raise SystemExit(f"no test accuracy in {run_dir}: found files {sorted(p.name for p in run_dir.iterdir())}, "
-                     f"keys {sorted(found)}")
+    """report.json's test accuracy (dtrain writes {"test": {"accuracy": ...}})."""
+    report = run_dir / "report.json"
+    if not report.is_file():
+        raise SystemExit(f"no report.json in {run_dir}: found files {sorted(p.name for p in run_dir.iterdir())}")
+    return float(json.loads(report.read_text())["test"]["accuracy"])
 
 
 def run_dtrain(shards: Path, args, work: Path, rep: int) -> dict:  # noqa: ANN001

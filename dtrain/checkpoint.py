@@ -29,7 +29,7 @@ from dtrain.data.shards import atomic_output_dir
 from dtrain.distributed import DistEnv, any_rank, barrier, broadcast_object
 from dtrain.engine.base import CheckpointError, Engine
 from dtrain.errors import DtrainError
-from dtrain.files import write_atomic
+from dtrain.files import sha256_file, write_atomic
 
 TRAINER_FILE = "trainer.json"
 MANIFEST = "manifest.json"
@@ -50,11 +50,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _seal(path: Path) -> None:
@@ -86,7 +81,7 @@ def damage(path: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes, {size} were written"
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             return f"{name} does not match its SHA-256"
     return None
 

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from dtrain import metrics as M
+from dtrain.data import IGNORE
 from dtrain.data.shards import ShardedDataset
 from dtrain.distributed import all_reduce_sum
-from dtrain.model.bert import IGNORE
 from dtrain.model.heads import Head
 
 Record = tuple  # (dataset index, task-specific arrays ...)
@@ -125,7 +125,7 @@ class Evaluator:
             logits = np.stack([r[1] for r in records])
             out = M.classification_report(logits.argmax(-1), np.array([int(r[2]) for r in records]), self.labels)
         elif self.task == "multilabel":
-            probs = 1 / (1 + np.exp(-np.stack([r[1] for r in records])))
+            probs = M.sigmoid(np.stack([r[1] for r in records]))
             out = M.multilabel_metrics(probs, np.stack([r[2] for r in records]), self.labels, self.threshold)
         elif self.task == "regression":
             out = M.regression_metrics(np.array([float(r[1][0]) for r in records]),

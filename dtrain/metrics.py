@@ -18,6 +18,11 @@ _MATRIX_NAME = 12  # confusion-matrix header names are truncated to this many ch
 _PUNCTUATION = frozenset(string.punctuation)
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Multi-label probabilities from logits (evaluation and predict)."""
+    return 1 / (1 + np.exp(-x))
+
+
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Accuracy and macro F1 of predicted class ids; {} when there are no labels."""
     from sklearn.metrics import accuracy_score, f1_score

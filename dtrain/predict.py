@@ -15,6 +15,7 @@ from dtrain.data.prepare import JSONL_SUFFIXES, TABLE_SUFFIXES, iter_table_rows,
 from dtrain.data.shards import ShardedDataset, tokenizer_fingerprint
 from dtrain.data.stream import StreamingDataset, StreamLoader
 from dtrain.data.tasks import FinetuneCollator, LabelMap
+from dtrain.engine.base import to_device
 from dtrain.errors import DtrainError
 from dtrain.evaluation import Evaluator, decode_answer, scalar_metrics
 from dtrain.files import (
@@ -27,7 +28,7 @@ from dtrain.files import (
     write_atomic,
 )
 from dtrain.locks import output_lock
-from dtrain.metrics import entity_spans, format_report
+from dtrain.metrics import entity_spans, format_report, sigmoid
 from dtrain.model.bert import quiet_transformers
 from dtrain.model.heads import HF_CLASS, Head, export_dir_of
 
@@ -40,7 +41,7 @@ class LocalEngine:
         self.model = model.to(self.device).eval()
 
     def forward(self, fn: Callable, batch: dict) -> Any:
-        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(batch, self.device, non_blocking=False)
         with torch.inference_mode():
             return fn(self.model, batch)
 
@@ -140,7 +141,7 @@ def predict_rows(model: torch.nn.Module, tok: Any, task: str, labels: list[str],
     if task == "regression":
         return [{"score": float(x[0])} for x in outputs]
     if task == "multilabel":
-        probs = [1 / (1 + np.exp(-x)) for x in outputs]
+        probs = [sigmoid(x) for x in outputs]
         return [{"labels": [labels[k] for k in np.flatnonzero(p >= threshold)],
                  "probabilities": {labels[k]: round(float(v), 4) for k, v in enumerate(p)}} for p in probs]
     probs = [_softmax(x) for x in outputs]

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtrain.data.shards import atomic_output_dir, sha256_file
+from dtrain.data.shards import atomic_output_dir
 from dtrain.errors import DtrainError
+from dtrain.files import sha256_file
 
 FORMAT_VERSION = 1
 SPLIT_SEED = 1234

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from dtrain.data import IGNORE
 from dtrain.data.shards import ShardedDataset, ShardError
 
-IGNORE = -100
 IS_NEXT, IS_RANDOM = 0, 1  # next_sentence_label, as in transformers' BertForPreTraining
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _STREAM_PAIR, _STREAM_SELECT, _STREAM_ACTION, _STREAM_REPLACE = (np.uint64(k) for k in (1, 2, 3, 4))

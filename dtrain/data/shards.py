@@ -43,12 +43,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -144,7 +138,7 @@ class ShardWriter:
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
         self.shards.append({"file": path.name, "rows": batch.num_rows, "bytes": path.stat().st_size,
-                            "sha256": sha256_file(path)})
+                            "sha256": files.sha256_file(path)})
         self.rows += batch.num_rows
 
     def close(self, **meta: Any) -> dict[str, Any]:
@@ -213,7 +207,7 @@ class ShardedDataset:
         if size != shard["bytes"]:
             raise ShardError(f"shard {f} is truncated or changed ({size} bytes, manifest says {shard['bytes']}); "
                              f"re-run `dtrain prepare` for {self.path}")
-        if full and sha256_file(f) != shard["sha256"]:
+        if full and files.sha256_file(f) != shard["sha256"]:
             raise ShardError(f"shard {f} fails its checksum (sha256 differs from {MANIFEST}); the file is corrupted: "
                              f"re-run `dtrain prepare` for {self.path}")
 

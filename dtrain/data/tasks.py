@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from dtrain.data import IGNORE
 from dtrain.data.shards import ShardError
 
 TASKS = ("classification", "pair", "multilabel", "regression", "ner", "qa")
-IGNORE = -100
 LABELS_FILE = "labels.json"
 
 

@@ -24,7 +24,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, env: DistEnv, total_steps:
                           "parallel.engine=ddp, whose GradScaler does fp16 on CPU")
     try:
         from dtrain.engine.deepspeed import DeepSpeedEngine
-    except ImportError:
-        raise DtrainError("parallel.engine=deepspeed is not built yet in this version of dtrain; use "
-                          "parallel.engine=ddp") from None
+    except ImportError as e:  # deepspeed not installed (or built against another torch)
+        raise DtrainError(f"parallel.engine=deepspeed needs the deepspeed package, which does not import here ({e}); "
+                          f"install it (`make install`) or use parallel.engine=ddp") from None
     return DeepSpeedEngine(model, optimizer, scheduler, env, cfg)

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dtrain.config import PrecisionConfig
 from dtrain.distributed import DistEnv
-from dtrain.engine.base import AUTOCAST, Engine, Forward, NonFiniteError, StepInfo
+from dtrain.engine.base import AUTOCAST, Engine, Forward, NonFiniteError, StepInfo, to_device
 
 STATE_FILE = "engine.pt"
 
@@ -41,7 +41,7 @@ class DDPEngine(Engine):
         return self.wrapped.no_sync()
 
     def forward(self, fn: Callable[[torch.nn.Module, dict], dict], batch: dict) -> dict:
-        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(batch, self.device)
         if self.dtype is None:
             return self.wrapped(batch, fn)
         with torch.autocast(self.device.type, dtype=self.dtype):

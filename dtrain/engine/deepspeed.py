@@ -41,7 +41,7 @@ import torch
 
 from dtrain.config import Config
 from dtrain.distributed import DistEnv, barrier, broadcast_object
-from dtrain.engine.base import CheckpointError, Engine, Forward, NonFiniteError, StepInfo
+from dtrain.engine.base import CheckpointError, Engine, Forward, NonFiniteError, StepInfo, to_device
 from dtrain.errors import DtrainError
 
 TAG = "deepspeed"
@@ -132,7 +132,7 @@ class DeepSpeedEngine(Engine):
         return contextlib.nullcontext()  # DeepSpeed counts micro-steps itself
 
     def forward(self, fn: Callable[[torch.nn.Module, dict], dict], batch: dict) -> dict:
-        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(batch, self.device)
         return self.ds(batch, fn)
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dtrain.data import IGNORE
 from dtrain.errors import DtrainError
 from dtrain.model.presets import preset_config
 from dtrain.model.source import check_bert, local_dir, preset_of
 
-IGNORE = -100
 ENCODER_KEY = "embeddings.word_embeddings.weight"  # no encoder weights in a checkpoint: refused
 
 

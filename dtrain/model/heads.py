@@ -15,8 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dtrain.data import IGNORE
 from dtrain.errors import DtrainError
-from dtrain.model.bert import IGNORE, load_model
+from dtrain.model.bert import load_model
 
 ALIASES = {"token_classification": "ner", "question_answering": "qa"}
 HF_CLASS = {"classification": "BertForSequenceClassification", "pair": "BertForSequenceClassification",
