@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dtrain.logging import cpu_matmul_peak  # noqa: F401 - the one CPU peak measurement (dtrain/logging.py)
+
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "BENCHMARKS.md"
 HEADER = ("# Benchmarks\n\nEach section is rewritten by its script (`make bench` runs them all). dtrain and its peer "
@@ -107,22 +109,6 @@ def ratio_goal(name: str, ratio: float, target: float, higher_is_better: bool = 
 
 def reproduce(script: str) -> str:
     return f"Reproduce: `cd <repo> && .venv/bin/python {script} {shlex.join(sys.argv[1:])}`".replace(" `", " `", 1)
-
-
-def cpu_matmul_peak(seconds: float = 2.0, n: int = 2048, reps: int = 5) -> list[float]:
-    """fp32 matmul FLOP/s of this machine with torch's threads: `reps` measurements of `seconds` each (after a
-    warm-up), n×n @ n×n. The median is the peak that CPU MFU is measured against."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    out = []
-    for _ in range(reps):
-        count, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            a @ b
-            count += 1
-        out.append(2 * n ** 3 * count / (time.perf_counter() - t0))
-    return out
 
 
 def write_section(name: str, body: str, path: Path = BENCHMARKS) -> None:

@@ -25,21 +25,32 @@ def training_flops_per_token(config: Any, seq_len: int, head_tokens_fraction: fl
 
 
 _CPU_PEAK: float | None = None
+IN_RUN_PEAK_S = 0.5  # the run's own measurement: one interval after a warm-up (the benchmarks take 5 × 2 s)
+
+
+def cpu_matmul_peak(seconds: float = 2.0, n: int = 2048, reps: int = 5) -> list[float]:
+    """fp32 matmul FLOP/s of this CPU with torch's threads: `reps` measurements of `seconds` each after a warm-up,
+    n×n @ n×n. The one measurement of the CPU's peak: the run logger's MFU and bench/ (BENCHMARKS.md) both use it,
+    so the in-run figure and the benchmark's agree. Operands from a generator of their own, not the global RNG
+    (the run's dropout stream stays untouched)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a @ b  # warm-up: thread pool, caches
+    out = []
+    for _ in range(reps):
+        count, t0 = 0, time.perf_counter()
+        while count == 0 or time.perf_counter() - t0 < seconds:
+            a @ b
+            count += 1
+        out.append(2 * n ** 3 * count / (time.perf_counter() - t0))
+    return out
 
 
 def measured_cpu_peak() -> float:
-    """fp32 matmul FLOP/s of this CPU with torch's threads (a 0.3 s measurement, cached)."""
+    """This process's CPU peak for the in-run MFU (cpu_matmul_peak over IN_RUN_PEAK_S, cached)."""
     global _CPU_PEAK
     if _CPU_PEAK is None:
-        n = 1024
-        g = torch.Generator().manual_seed(0)  # not the global RNG: the run's dropout stream stays untouched
-        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-        a @ b
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 0.3:
-            a @ b
-            reps += 1
-        _CPU_PEAK = 2 * n ** 3 * reps / (time.perf_counter() - t0)
+        _CPU_PEAK = cpu_matmul_peak(IN_RUN_PEAK_S, reps=1)[0]
     return _CPU_PEAK
 
 
