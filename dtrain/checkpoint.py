@@ -1,7 +1,9 @@
 """Checkpoints: atomic directories under <run_dir>/checkpoints, a `latest` pointer, keep-last-K, resume, export.
 
-A checkpoint is the dict of every stateful part: the engine's files (model, optimizer, scheduler, loss scaler),
-trainer.json (trainer counters and the data stream's position), one RNG file per rank and the resolved config. It is
+A checkpoint is the dict of every stateful part, handed to `save` / `load` as one dict (Trainer.parts): the engine
+writes its own files (model, optimizer, scheduler, loss scaler: DeepSpeed's layout is its own), the RNG one file per
+rank, and the JSON parts (trainer counters at the top level, the data stream's position under "stream") go into
+trainer.json, as earlier versions wrote it; plus the resolved config (written, never restored). It is
 written into `.tmp-step-N` and renamed to `step-N` only when complete, so a crash mid-save leaves the previous
 checkpoint as `latest` and nothing half-written that resume could pick up (the next resume removes the leftover, saying
 so). manifest.json (size and SHA-256 of every file, written last) lets resume detect a checkpoint damaged on disk
@@ -50,6 +52,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class RNG:
+    """This process's random generators as a stateful part; one file per rank (`rng-rank{R}.pt`)."""
+
+    per_rank = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state)
 
 
 def _seal(path: Path) -> None:
@@ -107,16 +121,19 @@ def _warn(message: str) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | os.PathLike, env: DistEnv, keep_last: int = 3):
-        self.root = Path(run_dir) / "checkpoints"
-        self.env, self.keep_last = env, keep_last
+    """parts: {name: stateful part}. A part with save(dir)/load(dir) writes its own files (the engine); one marked
+    per_rank (RNG) is `{name}-rank{R}.pt`; the others' state_dict() go into trainer.json ("trainer" at the top)."""
+
+    def __init__(self, run_dir: str | os.PathLike, env: DistEnv, keep_last: int = 3, config_yaml: str = ""):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.env, self.keep_last, self.config_yaml = env, keep_last, config_yaml
 
     @staticmethod
     def name(step: int) -> str:
         return f"step-{step:08d}"
 
-    def save(self, step: int, engine: Engine, trainer_state: dict[str, Any], config_yaml: str,
-             best: bool = False) -> Path:
+    def save(self, step: int, parts: dict[str, Any], best: bool = False) -> Path:
         """Every rank calls this; returns the final checkpoint dir. best: also point `best` at it."""
         name = self.name(step)
         final, tmp = self.root / name, self.root / f".tmp-{name}"
@@ -130,8 +147,11 @@ class Checkpointer:
         if any_rank(error is not None, self.env.device):
             self._failed(tmp, name, error)
         try:
-            engine.save(tmp)
-            torch.save(rng_state(), tmp / f"rng-rank{self.env.rank}.pt")
+            for key, part in parts.items():
+                if hasattr(part, "save"):
+                    part.save(tmp)
+                elif getattr(part, "per_rank", False):
+                    torch.save(part.state_dict(), tmp / f"{key}-rank{self.env.rank}.pt")
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
             error = e
         if any_rank(error is not None, self.env.device):  # every rank stops, not only the one that failed
@@ -139,8 +159,8 @@ class Checkpointer:
         if self.env.is_main:
             _test_pause(tmp)
             try:
-                (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-                state = {**trainer_state, "step": step, "world_size": self.env.world_size}
+                (tmp / "config.yaml").write_text(self.config_yaml, encoding="utf-8")
+                state = {**_json_state(parts), "step": step, "world_size": self.env.world_size}
                 (tmp / TRAINER_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
                 _seal(tmp)
             except OSError as e:
@@ -241,10 +261,12 @@ class Checkpointer:
                           f"with checkpoint.resume=none (or another run_dir)")
         return None, None
 
-    def load(self, path: Path, engine: Engine) -> dict[str, Any]:
-        """Restore the engine and this rank's RNG; return the trainer state."""
+    def load(self, path: Path, parts: dict[str, Any]) -> None:
+        """Restore every part from the checkpoint at `path`: the engine's files, this rank's RNG, then trainer.json."""
         try:
-            engine.load(path)
+            for part in parts.values():
+                if hasattr(part, "load"):
+                    part.load(path)
         except CheckpointError:
             raise
         except (RuntimeError, ValueError, KeyError) as e:
@@ -252,10 +274,24 @@ class Checkpointer:
             raise DtrainError(f"checkpoint {path} does not fit this model/optimizer ({first}); resume with the "
                               f"config it was written with, or start fresh (checkpoint.resume=none or another "
                               f"run_dir)") from None
-        rng = path / f"rng-rank{self.env.rank}.pt"
-        if rng.is_file():  # missing when resuming at a larger world size: that rank keeps its seeded RNG
-            set_rng_state(torch.load(rng, weights_only=False))
-        return json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
+        for name, part in parts.items():
+            own = path / f"{name}-rank{self.env.rank}.pt"
+            if getattr(part, "per_rank", False) and own.is_file():  # missing when resuming at a larger world size:
+                part.load_state_dict(torch.load(own, weights_only=False))  # that rank keeps its seeded RNG
+        state = json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
+        for name, part in parts.items():
+            if not hasattr(part, "load") and not getattr(part, "per_rank", False):
+                part.load_state_dict(state if name == "trainer" else state[name])
+
+
+def _json_state(parts: dict[str, Any]) -> dict[str, Any]:
+    """trainer.json's content: the trainer counters at the top level (as earlier versions wrote it, so their
+    checkpoints resume), every other JSON part under its name."""
+    out: dict[str, Any] = {}
+    for name, part in parts.items():
+        if not hasattr(part, "save") and not getattr(part, "per_rank", False):
+            out.update(part.state_dict() if name == "trainer" else {name: part.state_dict()})
+    return out
 
 
 def latest_checkpoint(root: Path) -> Path | None:

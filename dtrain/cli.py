@@ -64,9 +64,11 @@ def _prepare(args: argparse.Namespace) -> int:
               f"{manifest['sentences']} sentences, {manifest['total_tokens']} tokens in {len(manifest['shards'])} "
               f"shard(s)")
     else:
-        manifest = prepare.prepare_finetune(args.inputs, task=args.task, text_field=args.text_field,
-                                            text_pair_field=args.text_pair_field, label_field=args.label_field,
-                                            labels=args.labels, doc_stride=args.doc_stride, **common)
+        from dtrain.tasks import prepare_finetune
+
+        manifest = prepare_finetune(args.inputs, task=args.task, text_field=args.text_field,
+                                    text_pair_field=args.text_pair_field, label_field=args.label_field,
+                                    labels=args.labels, doc_stride=args.doc_stride, **common)
         print(f"{args.out}: {manifest['rows']} {manifest['task']} rows, {manifest['num_labels']} labels, "
               f"{manifest['total_tokens']} tokens ({manifest['truncated']} truncated to {args.max_seq_len}) in "
               f"{len(manifest['shards'])} shard(s)")
@@ -103,6 +105,21 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     evaluate(args.model, args.data, args.batch_size, args.threshold, args.output, args.overwrite)
     return 0
+
+
+class _TaskNames:
+    """argparse choices: the registry's task names, imported (with torch) only when --task is given or help shown."""
+
+    def _names(self) -> list[str]:
+        from dtrain.tasks import TASKS
+
+        return list(TASKS)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--short-seq-prob", type=float, default=0.1, help="share of shorter chunks (0.1)")
             p.add_argument("--seed", type=int, default=12345, help="seed for chunk lengths")
         else:
-            p.add_argument("--task", choices=["classification", "pair", "multilabel", "regression", "ner", "qa"],
+            p.add_argument("--task", choices=_TaskNames(),
                            help="default: inferred (list labels: multilabel; numbers: regression; CoNLL: ner); "
                                 "qa reads SQuAD-style .json")
             p.add_argument("--doc-stride", type=int, default=128, help="qa: tokens shared by consecutive windows")

@@ -44,7 +44,7 @@ def opt(default: Any, help: str, **checks: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = opt("bert-base-uncased", "Pretrained: a Hub id (HF cache, or the Hub) or a local HF "
                                                  "checkpoint dir; random init: preset:NAME (preset:bert-base-uncased, "
@@ -57,7 +57,7 @@ class ModelConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     train: str | None = opt(None, "Prepared training dataset dir (output of `dtrain prepare`)")
     eval: str | None = opt(None, "Prepared evaluation dataset dir")
@@ -76,7 +76,7 @@ class DataConfig:
     nsp_probability: float = opt(0.5, "Fraction of NSP pairs whose second segment is the true next one", ge=0, le=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     name: Literal["adamw", "lamb"] = opt("adamw", "Optimizer")
     lr: float = opt(1e-4, "Peak learning rate", gt=0)
@@ -87,7 +87,7 @@ class OptimConfig:
     layerwise_lr_decay: float = opt(1.0, "Per-layer LR multiplier from the top layer down (1.0 = off)", gt=0, le=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduleConfig:
     max_steps: int | None = opt(None, "Optimizer steps to train; null = run `epochs` epochs", ge=1)
     epochs: float = opt(1.0, "Epochs to train when max_steps is null", gt=0)
@@ -98,7 +98,7 @@ class ScheduleConfig:
     decay: Literal["linear", "cosine", "constant", "poly"] = opt("linear", "LR decay after warmup")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrecisionConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = opt("fp32", "Compute precision (fp16 uses dynamic loss scaling)")
     initial_loss_scale_power: int = opt(16, "fp16: initial loss scale is 2**this", ge=0, le=32)
@@ -108,7 +108,7 @@ class PrecisionConfig:
                                          "overflow-skipped steps in a row, or at an overflow at min_loss_scale", ge=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     engine: Literal["ddp", "deepspeed"] = opt("ddp", "Training engine: torch DDP or DeepSpeed")
     zero_stage: Literal[0, 1, 2, 3] = opt(0, "DeepSpeed ZeRO stage")
@@ -120,7 +120,7 @@ class ParallelConfig:
                                "that hangs or died); raise it for very slow steps or checkpoints", ge=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int | None = opt(None, "Save a checkpoint every N optimizer steps; null = at the end only", ge=1)
     keep_last: int = opt(3, "How many recent checkpoints to keep", ge=1)
@@ -128,7 +128,7 @@ class CheckpointConfig:
     export: bool = opt(True, "Export the final model in Hugging Face format to <run_dir>/export")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     every_steps: int = opt(10, "Log loss, LR, throughput and MFU every N optimizer steps", ge=1)
     tensorboard: bool = opt(True, "Write TensorBoard event files to <run_dir>/tb")
@@ -137,7 +137,7 @@ class LoggingConfig:
                               "<run_dir>/ledger/rank-R.jsonl (proves exactly-once data across restarts)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     every_steps: int | None = opt(None, "Evaluate on data.eval every N optimizer steps; null = once per epoch", ge=1)
     metric: str | None = opt(None, "Metric that picks the best checkpoint and drives early stopping; null = the "
@@ -146,16 +146,15 @@ class EvalConfig:
                                                       "rmse/mae, else max")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EarlyStoppingConfig:
     patience: int | None = opt(None, "Stop after N evaluations without improvement; null = never stop early", ge=1)
     min_delta: float = opt(0.0, "An evaluation improves only if it beats the best by more than this", ge=0)
 
 
-TASK_TYPES = ("classification", "multilabel", "regression", "token_classification", "question_answering")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskConfig:
     type: Literal["classification", "multilabel", "regression", "token_classification", "question_answering",
                   "pair", "ner", "qa"] | None = opt(
@@ -168,7 +167,7 @@ class TaskConfig:
     extend_labels: bool = opt(False, "With model.init_from: allow new labels (old ones keep their head rows)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PeftConfig:
     method: Literal["none", "lora", "bitfit", "prompt_tuning"] = opt("none", "Parameter-efficient fine-tuning: "
                                                                             "none (full), lora, bitfit, prompt_tuning")
@@ -182,7 +181,7 @@ class PeftConfig:
     num_virtual_tokens: int = opt(20, "Prompt tuning: virtual tokens prepended", ge=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     name: str = opt("dtrain", "Run name (used in logs)")
     seed: int = opt(42, "Seed for model init, data order and masking", ge=0, le=2 ** 32 - 1)
@@ -423,15 +422,47 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, Any]:
     return merged
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults ← YAML file (and its bases) ← dotted overrides, validated."""
+DEBUG_STEPS = 20  # debug mode: at most this many steps, with an evaluation and a checkpoint midway
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = (), *,
+                derive: typing.Callable[[Config], typing.Sequence[str]] | None = None,
+                examples: bool = False) -> Config:
+    """Defaults ← YAML file (and its bases) ← dotted overrides, validated, then resolved once: debug mode (a
+    random-init preset becomes tiny, at most DEBUG_STEPS steps, eval + checkpoint midway, no worker processes);
+    derive(cfg) → more key=value overrides the caller works out from the config (finetune: task.type from the
+    training set's labels.json); examples=True (a run's config): an example name in model.name_or_path becomes its
+    fetched dir. The Config returned is frozen."""
     values: dict[str, Any] = {}
     if path is not None:
         values = _read_yaml(Path(path), ())
     values = _merge(values, parse_overrides(overrides))
+    cfg = _resolved(values)
+    if derive is not None and (extra := derive(cfg)):
+        cfg = _resolved(_merge(values, parse_overrides(extra)))
+    if examples:
+        from dtrain.data.examples import example_or_path  # lazily: only a run fetches (a leaf module, no cycle)
+
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, name_or_path=example_or_path(cfg.model.name_or_path)))
+    return cfg
+
+
+def _resolved(values: dict[str, Any]) -> Config:
     cfg = _build(Config, values)
     validate(cfg)
-    return cfg
+    if not cfg.debug:
+        return cfg
+    from dtrain.model.source import preset_of  # a leaf module (presets only)
+
+    steps = min(cfg.schedule.max_steps or DEBUG_STEPS, DEBUG_STEPS)
+    half = max(1, steps // 2)
+    replace = dataclasses.replace
+    model = replace(cfg.model, name_or_path="tiny") if preset_of(cfg.model.name_or_path) else cfg.model  # a
+    # random-init preset becomes the tiny one; checkpoints stay
+    return replace(cfg, model=model, schedule=replace(cfg.schedule, max_steps=steps),
+                   eval=replace(cfg.eval, every_steps=half), checkpoint=replace(cfg.checkpoint, every_steps=half),
+                   data=replace(cfg.data, num_workers=0))
 
 
 def validate(cfg: Config) -> None:

@@ -10,15 +10,14 @@ import torch
 from dtrain.checkpoint import TRAINER_FILE, latest_checkpoint
 from dtrain.config import load_config
 from dtrain.data.shards import atomic_output_dir
-from dtrain.data.tasks import LabelMap
 from dtrain.engine.ddp import STATE_FILE
 from dtrain.engine.deepspeed import TAG, written_world_size
 from dtrain.errors import DtrainError
 from dtrain.files import EXPORT, check_output
 from dtrain.model.bert import pretraining_model, quiet_transformers
-from dtrain.model.heads import task_model
-from dtrain.model.peft import apply_peft, base_hf_model, is_peft
+from dtrain.model.peft import base_hf_model, is_peft
 from dtrain.runner import tokenizer_for
+from dtrain.tasks import LabelMap, apply_peft, task_model
 
 
 def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtrain.data.prepare import JSONL_SUFFIXES, TABLE_SUFFIXES, iter_table_rows, load_tokenizer, read_text
+from dtrain.data.prepare import load_tokenizer
+from dtrain.data.rows import JSONL_SUFFIXES, TABLE_SUFFIXES, iter_table_rows, read_text
 from dtrain.data.shards import ShardedDataset, tokenizer_fingerprint
 from dtrain.data.stream import StreamingDataset, StreamLoader
-from dtrain.data.tasks import FinetuneCollator, LabelMap
 from dtrain.engine.base import to_device
 from dtrain.errors import DtrainError
-from dtrain.evaluation import Evaluator, decode_answer, scalar_metrics
+from dtrain.evaluation import Evaluator, scalar_metrics
 from dtrain.files import (
     PREDICTIONS,
     REPORT,
@@ -28,9 +28,10 @@ from dtrain.files import (
     write_atomic,
 )
 from dtrain.locks import output_lock
-from dtrain.metrics import entity_spans, format_report, sigmoid
+from dtrain.metrics import format_report
 from dtrain.model.bert import quiet_transformers
-from dtrain.model.heads import HF_CLASS, Head, export_dir_of
+from dtrain.model.heads import export_dir_of
+from dtrain.tasks import TASKS, FinetuneCollator, Head, LabelMap, get_task, task_of_model
 
 
 class LocalEngine:
@@ -53,18 +54,15 @@ def load_finetuned(path: str | Path) -> tuple[torch.nn.Module, Any, str, list[st
     source = export_dir_of(path)
     config = json.loads((source / "config.json").read_text())
     arch = (config.get("architectures") or ["?"])[0]
-    if arch == "BertForSequenceClassification":
-        task = {"multi_label_classification": "multilabel", "regression": "regression"}.get(
-            config.get("problem_type"), "classification")
-    else:
-        task = {"BertForTokenClassification": "ner", "BertForQuestionAnswering": "qa"}.get(arch, "")
-    if not task:
-        kinds = ", ".join(sorted(set(HF_CLASS.values())))
+    kind = task_of_model(config)
+    if kind is None:
+        kinds = ", ".join(sorted({t.hf_class for t in TASKS.values()}))
         raise DtrainError(f"{source}: a {arch}, not a fine-tuned task model ({kinds}); pass the run dir or export of "
                           f"`dtrain finetune`")
     with quiet_transformers():
         model = getattr(transformers, arch).from_pretrained(str(source), local_files_only=True)
-    labels = [] if task in ("regression", "qa") else [model.config.id2label[i] for i in range(model.config.num_labels)]
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)] if kind.named_labels else []
+    task = kind.name
     return model, load_tokenizer(source), task, labels
 
 
@@ -89,27 +87,16 @@ def _batches(n: int, lengths: list[int], size: int) -> Iterator[list[int]]:
         yield order[i:i + size].tolist()
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 def predict_rows(model: torch.nn.Module, tok: Any, task: str, labels: list[str], rows: list[dict[str, Any]],
                  fields: dict[str, str | None], max_seq_len: int = 512, batch_size: int = 32, threshold: float = 0.5,
                  doc_stride: int = 128, max_answer_length: int = 30, device: str | None = None) -> list[dict]:
     """One prediction dict per input row, in input order."""
     engine = LocalEngine(model, device)
-    text, pair = fields["text"], fields.get("text_pair")
-    if task == "qa":
-        enc = tok([r[fields["question"]] for r in rows], [r[fields["context"]] for r in rows],
-                  truncation="only_second", max_length=max_seq_len, stride=doc_stride,
-                  return_overflowing_tokens=True, return_offsets_mapping=True)
-    else:
-        enc = tok([r[text] for r in rows], [r[pair] for r in rows] if pair else None, truncation=True,
-                  max_length=max_seq_len, return_offsets_mapping=task == "ner")
+    kind = get_task(task)
+    enc = kind.predict_encode(tok, rows, fields, max_seq_len, doc_stride)
     ids = enc["input_ids"]
     outputs: list[np.ndarray] = [np.empty(0)] * len(ids)
-    head = Head(task)
+    head = Head(kind)
     for chosen in _batches(len(ids), [len(x) for x in ids], batch_size):
         width = max(len(ids[i]) for i in chosen)
         batch = {"input_ids": torch.zeros(len(chosen), width, dtype=torch.long),
@@ -122,50 +109,8 @@ def predict_rows(model: torch.nn.Module, tok: Any, task: str, labels: list[str],
             batch["token_type_ids"][j, :n] = torch.tensor(enc["token_type_ids"][i])
         logits = engine.forward(head.forward, batch).cpu().numpy()
         for j, i in enumerate(chosen):
-            outputs[i] = logits[j, :len(ids[i])] if task in ("ner", "qa") else logits[j]
-    if task == "qa":
-        windows: dict[int, list[dict[str, Any]]] = {}
-        for w, row in enumerate(enc["overflow_to_sample_mapping"]):
-            seq = enc.sequence_ids(w)
-            offsets = [o if s == 1 else (-1, -1) for o, s in zip(enc["offset_mapping"][w], seq, strict=True)]
-            windows.setdefault(row, []).append({"start": outputs[w][:, 0], "end": outputs[w][:, 1],
-                                                "offset_start": [o[0] for o in offsets],
-                                                "offset_end": [o[1] for o in offsets]})
-        out = []
-        for r, row in enumerate(rows):
-            answer, score, lo, hi = decode_answer(windows[r], row[fields["context"]], 20, max_answer_length, False)
-            out.append({"answer": answer, "score": round(score, 4), "start": lo, "end": hi})
-        return out
-    if task == "ner":
-        return [{"entities": _entities(outputs[i], enc, i, rows[i][text], labels)} for i in range(len(rows))]
-    if task == "regression":
-        return [{"score": float(x[0])} for x in outputs]
-    if task == "multilabel":
-        probs = [sigmoid(x) for x in outputs]
-        return [{"labels": [labels[k] for k in np.flatnonzero(p >= threshold)],
-                 "probabilities": {labels[k]: round(float(v), 4) for k, v in enumerate(p)}} for p in probs]
-    probs = [_softmax(x) for x in outputs]
-    return [{"label": labels[int(p.argmax())], "score": round(float(p.max()), 4),
-             "probabilities": {labels[k]: round(float(v), 4) for k, v in enumerate(p)}} for p in probs]
-
-
-def _entities(logits: np.ndarray, enc: Any, row: int, text: str, labels: list[str]) -> list[dict[str, Any]]:
-    """Word-level entities: each word takes the tag of its first piece (as training labelled it)."""
-    words, first = enc.word_ids(row), {}
-    for t, w in enumerate(words):
-        if w is not None and w not in first:
-            first[w] = t
-    pieces = [first[w] for w in sorted(first)]
-    probs = _softmax(logits)
-    tags = [labels[int(probs[t].argmax())] for t in pieces]
-    offsets = enc["offset_mapping"][row]
-    last = {w: t for t, w in enumerate(words) if w is not None}
-    out = []
-    for kind, s, e in entity_spans(tags):
-        lo, hi = offsets[pieces[s]][0], offsets[last[sorted(first)[e - 1]]][1]
-        score = float(np.mean([probs[pieces[k]].max() for k in range(s, e)]))
-        out.append({"type": kind, "text": text[lo:hi], "start": lo, "end": hi, "score": round(score, 4)})
-    return out
+            outputs[i] = kind.output_of(logits[j], len(ids[i]))
+    return kind.decode(outputs, enc, rows, fields, labels, threshold, max_answer_length)
 
 
 def _check_options(batch_size: int, threshold: float, max_seq_len: int | None = None) -> None:
@@ -186,8 +131,7 @@ def predict(model_path: str, input_path: str, output: str, text_field: str = "te
                  "--output")
     model, tok, task, labels = load_finetuned(model_path)
     fields = {"text": text_field, "text_pair": text_pair_field, "question": question_field, "context": context_field}
-    need = [question_field, context_field] if task == "qa" else [text_field] + ([text_pair_field] if text_pair_field
-                                                                               else [])
+    need = get_task(task).input_fields(fields)
     rows = read_inputs(Path(input_path), need)
     if not rows:
         raise DtrainError(f"--input {input_path}: holds no rows to predict (the file is empty); pass a file with one "
@@ -212,7 +156,8 @@ def evaluate(model_path: str, data_path: str, batch_size: int = 32, threshold: f
     model, tok, task, labels = load_finetuned(model_path)
     data = ShardedDataset(data_path, expect_fingerprint=tokenizer_fingerprint(tok))
     prepared = LabelMap.load(Path(data_path))
-    expected = LabelMap(prepared.task if task == "classification" and prepared.task == "pair" else task, labels)
+    kind = get_task(task)
+    expected = LabelMap(prepared.task if kind.trains_on(prepared.task) else kind.name, labels)
     prepared.check_same(expected, f"--data {data_path}")
     head = Head(prepared.task)
     loader = StreamLoader(StreamingDataset(data, batch_size, shuffle=False, drop_last=False, rank=0, world_size=1),

@@ -1,5 +1,6 @@
-"""What both entry points do around the model: arguments, debug mode, process group, tokenizer, streams, the
-engine, checkpointer and logger, resume, fit, teardown. Imported by entry points only."""
+"""The one run lifecycle (`main`): arguments and the resolved config → process group → tokenizer, datasets → the
+entry point's description of the run (`Run`) → streams, engine, checkpointer, logger, Trainer → resume → fit →
+status.json → the entry point's report → close and teardown, always in `finally`. Imported by entry points only."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,26 +39,21 @@ from dtrain.files import check_apart, write_atomic
 from dtrain.locks import lock_run_dir
 from dtrain.logging import RunLogger, peak_flops
 from dtrain.model.source import origin, origin_line, preset_of
-from dtrain.trainer import Objective, Trainer
+from dtrain.trainer import Objective, Plan, Trainer, TrainerSections
 
-DEBUG_STEPS = 20
 _TIMEOUT = [0]  # parallel.timeout_s of this run, for the one-line error when a collective times out
 
 
-def parse(argv: Sequence[str] | None, prog: str) -> Config:
+def parse(argv: Sequence[str] | None, prog: str,
+          derive: Callable[[Config], Sequence[str]] | None = None) -> Config:
+    """The run's config, resolved once by load_config (debug mode, example names, what `derive` adds)."""
     ap = argparse.ArgumentParser(prog=prog, description="Run from a YAML config plus key=value overrides.")
     ap.add_argument("--config", help="YAML config (may extend others with base:)")
     ap.add_argument("--debug", action="store_true", help="same as debug=true")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_intermixed_args(argv)  # flags may sit among the key=value overrides
-    cfg = load_config(args.config, [*args.overrides, *(["debug=true"] if args.debug else [])])
-    if cfg.debug:
-        if preset_of(cfg.model.name_or_path):  # a random-init preset becomes the tiny one; checkpoints stay
-            cfg.model.name_or_path = "tiny"
-        cfg.schedule.max_steps = min(cfg.schedule.max_steps or DEBUG_STEPS, DEBUG_STEPS)
-        cfg.eval.every_steps = cfg.checkpoint.every_steps = max(1, cfg.schedule.max_steps // 2)
-        cfg.data.num_workers = 0
-    return cfg
+    return load_config(args.config, [*args.overrides, *(["debug=true"] if args.debug else [])], derive=derive,
+                       examples=True)
 
 
 def setup(cfg: Config) -> DistEnv:
@@ -67,7 +64,6 @@ def setup(cfg: Config) -> DistEnv:
         raise DtrainError(problem)
     lock_run_dir(cfg.run_dir, env.is_main)  # one run per run_dir: rank 0 holds it until exit, every rank is refused
     check_shared_dir(Path(cfg.run_dir), "run_dir")
-    cfg.model.name_or_path = example_or_path(cfg.model.name_or_path)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every rank: replicas start identical
@@ -151,48 +147,104 @@ def total_steps(cfg: Config, loader: StreamLoader) -> int:
     return math.ceil(cfg.schedule.epochs * steps_per_epoch(cfg, loader))
 
 
-def run(cfg: Config, env: DistEnv, model: torch.nn.Module, objective: Objective, loader: StreamLoader,
-        evaluate: Callable | None, tokenizer: Any, flops_per_token: float, metric: str | None,
-        keep_best: bool = False) -> Trainer:
-    """Build the engine and the loop's helpers, resume if asked, train, export."""
-    steps = total_steps(cfg, loader)
-    eval_every = cfg.eval.every_steps or (steps_per_epoch(cfg, loader) if evaluate else None)
-    engine = build_engine(cfg, model, env, steps)
-    ledger = Path(cfg.run_dir) / "ledger" / f"rank-{env.rank}.jsonl" if cfg.logging.ledger else None
-    if ledger is not None:
-        ledger.parent.mkdir(parents=True, exist_ok=True)
-    logger = RunLogger(cfg.run_dir, env.is_main, steps, cfg.logging.every_steps, cfg.logging.tensorboard,
-                       cfg.logging.progress_bar, flops_per_token, peak_flops(env.device), env.world_size)
-    trainer = Trainer(env, engine, loader, objective, steps, cfg.schedule.grad_accum_steps,
-                      Checkpointer(cfg.run_dir, env, cfg.checkpoint.keep_last), logger, cfg.to_yaml(),
-                      evaluate=evaluate, eval_every=eval_every, checkpoint_every=cfg.checkpoint.every_steps,
-                      metric=cfg.eval.metric or metric, mode=cfg.eval.mode, patience=cfg.early_stopping.patience,
-                      min_delta=cfg.early_stopping.min_delta, keep_best=keep_best,
-                      export_dir=Path(cfg.run_dir) / "export" if cfg.checkpoint.export else None, tokenizer=tokenizer,
-                      stop_at_step=cfg.schedule.stop_at_step, ledger=ledger,
-                      min_loss_scale=cfg.precision.min_loss_scale,
-                      max_consecutive_skips=cfg.precision.max_consecutive_skips)
-    _RUN.trainer = trainer  # the exit paths close its logger (main_guard)
-    trainer.resume(cfg.checkpoint.resume)
-    # every check has passed: only now does the run dir change (a bad input leaves an earlier run as it was)
-    if env.is_main:
-        save_run_config(cfg)
-    logger.text("config", "```\n" + cfg.to_yaml() + "\n```")
-    write_status(cfg, env, "running", trainer)
-    trainer.fit()
-    if trainer.interrupted:
-        write_status(cfg, env, trainer.interrupted, trainer)
-    return trainer
+@dataclass
+class Run:
+    """What an entry point describes (from the config, the tokenizer and the opened datasets): the model, how a
+    dataset is collated, what is learned, how the run is judged, and what follows fit."""
+
+    model: torch.nn.Module
+    collate: Callable[[ShardedDataset], Callable]  # a dataset → its collator (the same one for every split, or not)
+    objective: Objective
+    flops_per_token: float
+    metric: str | None = None  # the default eval metric (eval.metric overrides it)
+    evaluate: Callable[[Any, StreamLoader], dict[str, float]] | None = None  # (engine, data.eval's stream) → metrics
+    keep_best: bool = False  # test and export the best evaluation's model
+    report: Callable[[Trainer, StreamLoader | None], dict[str, Any] | None] | None = None  # after fit (also after
+    # an interruption: trainer.interrupted says which) with data.test's stream; returns status.json's extra fields
+
+
+def main(argv: Sequence[str] | None, prog: str, describe: Callable[[Config, DistEnv, Any, dict], Run],
+         splits: Sequence[str] = ("train", "eval"), derive: Callable[[Config], Sequence[str]] | None = None) -> int:
+    """The run, start to end: describe(cfg, env, tokenizer, {split: dataset}) says what it trains (`splits`: the
+    data.* datasets it reads; train is required). One-line errors (rank-tagged under torchrun) with exit status 2
+    (3: a lost or hung rank), status.json "failed" on every other way out once it said "running"; the logger's
+    close and the teardown always."""
+    from dtrain.distributed import teardown
+
+    restore_signals = catch_stop_signals()  # a stop signal from now on means: save at the next step, then exit
+    clean = False
+    try:
+        cfg = parse(argv, prog, derive)
+        env = setup(cfg)
+        tokenizer = tokenizer_for(cfg)
+        data = {s: open_data(cfg, getattr(cfg.data, s), f"data.{s}", tokenizer) for s in splits
+                if s == "train" or getattr(cfg.data, s)}
+        run = describe(cfg, env, tokenizer, data)
+        streams = {s: stream(cfg, d, run.collate(d), env, train=s == "train") for s, d in data.items()}
+        trainer = build_trainer(cfg, env, run, streams, tokenizer)
+        trainer.resume(cfg.checkpoint.resume)
+        # every check has passed: only now does the run dir change (a bad input leaves an earlier run as it was)
+        if env.is_main:
+            save_run_config(cfg)
+        trainer.logger.text("config", "```\n" + cfg.to_yaml() + "\n```")
+        write_status(cfg, env, "running", trainer)
+        trainer.fit()
+        if trainer.interrupted:  # saved for a later resume
+            write_status(cfg, env, trainer.interrupted, trainer)
+        extra = run.report(trainer, streams.get("test")) if run.report else None
+        if not trainer.interrupted:
+            write_status(cfg, env, "finished", trainer, **(extra or {}))
+        clean = True
+        return 0
+    except DtrainError as e:
+        clean = True  # every rank raises it at the same point (the checks are agreed), so teardown can synchronise
+        return _error(str(e), 2)
+    except RuntimeError as e:
+        if lost := lost_peer(e):
+            return _error(lost, 3)
+        if not _is_timeout(e):
+            _RUN.fail(_first_line(e))
+            raise
+        return _error(f"a collective waited longer than parallel.timeout_s={_TIMEOUT[0]} s for the other ranks (one "
+                      f"hung or died): {_first_line(e)[:200]}; find the stuck rank, or raise parallel.timeout_s if "
+                      f"steps or checkpoints are legitimately that slow", 3)
+    except BaseException as e:  # any other error (a traceback follows), Ctrl-C twice, SystemExit
+        _RUN.fail(_first_line(e) or type(e).__name__)
+        raise
+    finally:
+        _RUN.close()
+        teardown(synchronise=clean)
+        restore_signals()
+
+
+def build_trainer(cfg: Config, env: DistEnv, run: Run, streams: dict[str, StreamLoader], tokenizer: Any) -> Trainer:
+    """The engine, checkpointer, logger and loop of a described run (built from the config sections they read)."""
+    train = streams["train"]
+    steps = total_steps(cfg, train)
+    evaluate = None
+    if run.evaluate is not None and "eval" in streams:
+        def evaluate(engine):  # noqa: ANN001, ANN202
+            return run.evaluate(engine, streams["eval"])
+
+    eval_every = cfg.eval.every_steps or (steps_per_epoch(cfg, train) if evaluate else None)
+    engine = build_engine(cfg, run.model, env, steps)
+    logger = _RUN.logger = RunLogger(cfg.run_dir, env.is_main, steps, cfg.logging.every_steps, cfg.logging.tensorboard,
+                                     cfg.logging.progress_bar, run.flops_per_token, peak_flops(env.device),
+                                     env.world_size)
+    checkpointer = Checkpointer(cfg.run_dir, env, cfg.checkpoint.keep_last, cfg.to_yaml())
+    plan = Plan(steps, evaluate, eval_every, run.metric, run.keep_best, tokenizer)
+    return Trainer(env, engine, train, run.objective, checkpointer, logger, TrainerSections.of(cfg), plan)
 
 
 class _Run:
-    """This process's run, for the ways out of an entry point: once `run` has written "running", an exception
-    writes "failed" with its one-line reason (main_guard), and the logger is closed whatever happens."""
+    """This process's run, for the ways out of `main`: once it has written "running", an exception writes "failed"
+    with its one-line reason, and the logger is closed whatever happens."""
 
     def __init__(self) -> None:
         self.cfg: Config | None = None
         self.env: DistEnv | None = None
         self.trainer: Trainer | None = None
+        self.logger: RunLogger | None = None
         self.state: str | None = None  # the last state written to status.json by this process
 
     def fail(self, reason: str) -> None:
@@ -203,8 +255,8 @@ class _Run:
                          checkpoint_step=int(latest.name.removeprefix("step-")) if latest else None)
 
     def close(self) -> None:
-        if self.trainer is not None:
-            self.trainer.logger.close()
+        if self.logger is not None:
+            self.logger.close()
         self.__init__()
 
 
@@ -231,37 +283,6 @@ def write_status(cfg: Config, env: DistEnv, state: str, trainer: Trainer, **extr
     except OSError as e:  # e.g. the disk is full: the run's own error line says why; this one says what is missing
         print(f"dtrain: warning: could not write {Path(cfg.run_dir) / 'status.json'} (state {state}): "
               f"{e.strerror or e}", file=sys.stderr)
-
-
-def main_guard(main: Callable[[], int]) -> int:
-    """Entry points: one-line errors (rank-tagged under torchrun), exit status 2, teardown always."""
-    from dtrain.distributed import teardown
-
-    restore_signals = catch_stop_signals()  # a stop signal from now on means: save at the next step, then exit
-    clean = False
-    try:
-        status = main()
-        clean = True
-        return status
-    except DtrainError as e:
-        clean = True  # every rank raises it at the same point (the checks are agreed), so teardown can synchronise
-        return _error(str(e), 2)
-    except RuntimeError as e:
-        if lost := lost_peer(e):
-            return _error(lost, 3)
-        if not _is_timeout(e):
-            _RUN.fail(_first_line(e))
-            raise
-        return _error(f"a collective waited longer than parallel.timeout_s={_TIMEOUT[0]} s for the other ranks (one "
-                      f"hung or died): {_first_line(e)[:200]}; find the stuck rank, or raise parallel.timeout_s if "
-                      f"steps or checkpoints are legitimately that slow", 3)
-    except BaseException as e:  # any other error (a traceback follows), Ctrl-C twice, SystemExit
-        _RUN.fail(_first_line(e) or type(e).__name__)
-        raise
-    finally:
-        _RUN.close()
-        teardown(synchronise=clean)
-        restore_signals()
 
 
 def _first_line(e: BaseException) -> str:

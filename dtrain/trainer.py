@@ -13,7 +13,16 @@ from typing import Any
 
 import torch
 
-from dtrain.checkpoint import Checkpointer, export_hf
+from dtrain.checkpoint import RNG, Checkpointer, export_hf
+from dtrain.config import (
+    CheckpointConfig,
+    Config,
+    EarlyStoppingConfig,
+    EvalConfig,
+    LoggingConfig,
+    PrecisionConfig,
+    ScheduleConfig,
+)
 from dtrain.distributed import DistEnv, all_reduce_sum, any_rank, stop_requested
 from dtrain.engine.base import Engine, NonFiniteError
 from dtrain.errors import DtrainError
@@ -44,42 +53,77 @@ class TrainerState:
     train_seconds: float = 0.0  # time in train_step (evaluations and checkpoints excluded), over all attempts
     history: list[dict[str, float]] = field(default_factory=list)  # eval results, for the run report
 
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        fresh = TrainerState()  # a key an earlier version did not write keeps its default
+        for name in TrainerState.__dataclass_fields__:
+            setattr(self, name, state.get(name, getattr(fresh, name)))
+
+
+@dataclass(frozen=True)
+class TrainerSections:
+    """The config sections the loop reads."""
+
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # grad_accum_steps, stop_at_step
+    eval: EvalConfig = field(default_factory=EvalConfig)  # metric, mode
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)  # patience, min_delta
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # every_steps, export
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)  # min_loss_scale, max_consecutive_skips
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # ledger
+
+    @classmethod
+    def of(cls, cfg: Config) -> TrainerSections:
+        return cls(cfg.schedule, cfg.eval, cfg.early_stopping, cfg.checkpoint, cfg.precision, cfg.logging)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the run works out beyond its config: its length, how it is judged, what it keeps."""
+
+    total_steps: int
+    evaluate: Callable[[Engine], dict[str, float]] | None = None
+    eval_every: int | None = None
+    metric: str | None = None  # the run's default; eval.metric, when set, wins
+    keep_best: bool = False  # test and export the best evaluation's model, not the last one
+    tokenizer: Any = None  # saved with the export
+
 
 class Trainer:
-    def __init__(self, env: DistEnv, engine: Engine, loader: Any, objective: Objective, total_steps: int,
-                 grad_accum: int, checkpointer: Checkpointer, logger: RunLogger, config_yaml: str,
-                 evaluate: Callable[[Engine], dict[str, float]] | None = None, eval_every: int | None = None,
-                 checkpoint_every: int | None = None, metric: str | None = None, patience: int | None = None,
-                 export_dir: Path | None = None, tokenizer: Any = None, stop_at_step: int | None = None,
-                 mode: str = "auto", min_delta: float = 0.0, keep_best: bool = False, ledger: Path | None = None,
-                 min_loss_scale: float = 1.0, max_consecutive_skips: int = 50):
+    def __init__(self, env: DistEnv, engine: Engine, loader: Any, objective: Objective, checkpointer: Checkpointer,
+                 logger: RunLogger, sections: TrainerSections, plan: Plan):
         self.env, self.engine, self.loader, self.objective = env, engine, loader, objective
-        self.total_steps, self.grad_accum = total_steps, grad_accum
-        self.checkpointer, self.logger, self.config_yaml = checkpointer, logger, config_yaml
-        self.evaluate, self.eval_every, self.checkpoint_every = evaluate, eval_every, checkpoint_every
-        self.metric, self.patience, self.min_delta, self.keep_best = metric, patience, min_delta, keep_best
+        self.checkpointer, self.logger, self.sections, self.plan = checkpointer, logger, sections, plan
+        self.total_steps, self.grad_accum = plan.total_steps, sections.schedule.grad_accum_steps
+        self.evaluate, self.eval_every, self.keep_best = plan.evaluate, plan.eval_every, plan.keep_best
+        self.checkpoint_every, self.stop_at_step = sections.checkpoint.every_steps, sections.schedule.stop_at_step
+        self.metric = metric = sections.eval.metric or plan.metric
+        mode = sections.eval.mode
         self.maximize = mode == "max" or (mode == "auto" and not (metric or "loss").endswith(("loss", "mse", "mae")))
-        self.export_dir, self.tokenizer, self.stop_at_step = export_dir, tokenizer, stop_at_step
+        self.patience, self.min_delta = sections.early_stopping.patience, sections.early_stopping.min_delta
+        self.min_loss_scale = sections.precision.min_loss_scale
+        self.max_consecutive_skips = sections.precision.max_consecutive_skips
         self.state = TrainerState()
         self.model_step = 0  # after fit: the step whose weights the engine holds (the best one with keep_best)
         self.interrupted: str | None = None  # why fit saved and stopped before the end (resume later): a stop
         # signal ("preempted") or schedule.stop_at_step ("stopped")
-        self.min_loss_scale, self.max_consecutive_skips = min_loss_scale, max_consecutive_skips
-        self.ledger = ledger  # debug: <ledger> gets one JSON line per step with the sample ids this rank trained on
+        self.ledger = None  # debug: one JSON line per step with the sample ids this rank trained on
+        if sections.logging.ledger:
+            self.ledger = Path(checkpointer.run_dir) / "ledger" / f"rank-{env.rank}.jsonl"
+            self.ledger.parent.mkdir(parents=True, exist_ok=True)
 
     # -- state ------------------------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.state.__dict__, "stream": self.loader.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state["stream"])
-        self.state = TrainerState(**{k: state[k] for k in TrainerState.__dataclass_fields__ if k in state})
+    @property
+    def parts(self) -> dict[str, Any]:
+        """Every stateful part of the run: what a checkpoint saves and a resume restores."""
+        return {"trainer": self.state, "stream": self.loader, "rng": RNG(), "engine": self.engine}
 
     def resume(self, resume: str) -> Path | None:
         path = self.checkpointer.resolve(resume)
         if path is not None:
-            self.load_state_dict(self.checkpointer.load(path, self.engine))
+            self.checkpointer.load(path, self.parts)
             self.logger.info(f"resumed from {path} at step {self.state.step}")
         return path
 
@@ -182,9 +226,10 @@ class Trainer:
             self.logger.info(f"the step-0 baseline ({self.metric}={self.state.baseline:.6g}) beat every evaluation "
                              f"after training; it is not a candidate (its head is untrained), so the model kept is "
                              f"the best trained one, step {self.model_step} ({self.metric}={self.state.best:.6g})")
-        if self.export_dir is not None:
-            export_hf(self.engine, self.engine.model, self.tokenizer, self.export_dir, self.env, final)
-            self.logger.info(f"exported the model to {self.export_dir}")
+        if self.sections.checkpoint.export:
+            export_dir = self.checkpointer.run_dir / "export"
+            export_hf(self.engine, self.engine.model, self.plan.tokenizer, export_dir, self.env, final)
+            self.logger.info(f"exported the model to {export_dir}")
         return self.state
 
     # -- pieces -----------------------------------------------------------------------------------------------------
@@ -208,7 +253,7 @@ class Trainer:
                                  f"{self._last_good()}")
 
     def save(self, best: bool = False) -> Path:
-        return self.checkpointer.save(self.state.step, self.engine, self.state_dict(), self.config_yaml, best=best)
+        return self.checkpointer.save(self.state.step, self.parts, best=best)
 
     def _saved_at(self, step: int) -> bool:
         latest = self.checkpointer.latest()

@@ -3,19 +3,18 @@
 pretrain: text documents → paragraphs (blank lines) → sentences (blingfire) → WordPiece ids → chunks of consecutive
 sentences that fill max_seq_len − 3 tokens (10% shorter, as in BERT), each chunk keeping its sentence boundaries
 so that NSP pairs are cut at read time. One chunk is one sample.
-finetune: CSV/TSV/JSONL rows or CoNLL sentences → task features (dtrain/data/tasks.py) + labels.json.
+finetune: CSV/TSV/JSONL rows or CoNLL sentences → the task's features + labels.json. What is generic lives here
+(the workers, the shard writer; the readers are data/rows.py); the task object (dtrain/tasks/) that its caller passes
+reads, labels and encodes the rows. data/ never imports dtrain.tasks.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import multiprocessing
 import os
 import re
 import sys
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from itertools import islice
@@ -25,16 +24,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from dtrain.data.rows import JSONL_SUFFIXES, input_files, jsonl_rows, read_text
 from dtrain.data.shards import ShardError, ShardWriter, atomic_output_dir, tokenizer_fingerprint
-from dtrain.data.tasks import TASKS, LabelMap, encode_ner, encode_qa, encode_rows, infer_task, read_squad, schema_for
 from dtrain.files import DATASET, check_output
 from dtrain.model.bounds import MIN_SEQ_LEN, check_prepare_len, check_workers
 
 PRETRAIN_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("sentence_ends", pa.list_(pa.int32())),
                              ("doc", pa.int64()), ("length", pa.int32())])
 TEXT_SUFFIXES = {".txt", ".text"}
-JSONL_SUFFIXES = {".jsonl"}
-TABLE_SUFFIXES = {".csv", ".tsv"}
 DOCS_PER_TASK = 32
 
 
@@ -80,53 +77,9 @@ def tokenizer_meta(tok: Any, name: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def read_text(path: Path) -> str:
-    """A file's text, or a one-line error naming it when it is binary or not UTF-8."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ShardError(f"{path}: cannot be read ({e.strerror}); check the path and its permissions") from None
-    if b"\x00" in data[:65536]:
-        raise ShardError(f"{path}: looks binary (NUL bytes), not text; remove it from the input or convert it")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ShardError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8 "
-                         f"(e.g. iconv -f latin1 -t utf-8) or remove it from the input") from None
-
-
-def input_files(inputs: Iterable[str | os.PathLike], suffixes: set[str]) -> list[Path]:
-    """The files named, and the matching files under the folders named, in a stable order."""
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise ShardError(f"input {p} does not exist; pass existing files or folders")
-    return files
-
-
 def _is_hf_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
                               or (path / "state.json").is_file())
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    for lineno, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise ShardError(f"{path} line {lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
-        if not isinstance(row, dict):
-            raise ShardError(f"{path} line {lineno}: expected a JSON object per line, got {type(row).__name__}")
-        yield lineno, row
 
 
 def iter_documents(inputs: Iterable[str | os.PathLike], text_field: str = "text",
@@ -150,7 +103,7 @@ def iter_documents(inputs: Iterable[str | os.PathLike], text_field: str = "text"
             continue
         for f in input_files([p], TEXT_SUFFIXES | JSONL_SUFFIXES):
             if f.suffix.lower() in JSONL_SUFFIXES:
-                for lineno, row in _jsonl_rows(f):
+                for lineno, row in jsonl_rows(f):
                     if not isinstance(row.get(text_field), str):
                         raise ShardError(f"{f} line {lineno}: no string field {text_field!r}; pass --text-field "
                                          f"with the field that holds the text")
@@ -269,7 +222,7 @@ def _progress(desc: str, unit: str) -> Any:
     return tqdm(desc=desc, unit=unit, file=sys.stderr, disable=None, dynamic_ncols=True)
 
 
-def _check_out(out: str | os.PathLike, inputs: list[str], tokenizer: str, labels: str | None,
+def check_prepare_out(out: str | os.PathLike, inputs: list[str], tokenizer: str, labels: str | None,
                overwrite: bool) -> None:
     """--out before any work: never one of the inputs, inside or above one; --overwrite replaces only a dataset."""
     named = [("the input", i) for i in inputs] + [("--tokenizer", tokenizer), ("--labels", labels)]
@@ -284,7 +237,7 @@ def prepare_pretrain(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
     check_workers(workers)
     if max_seq_len < MIN_SEQ_LEN:  # before any work (the upper bound needs the tokenizer: below)
         check_prepare_len(max_seq_len, None, tokenizer, None)
-    _check_out(out, inputs, tokenizer, None, overwrite)
+    check_prepare_out(out, inputs, tokenizer, None, overwrite)
     workers = workers or min(os.cpu_count() or 1, 8)
     tok = load_tokenizer(tokenizer)
     check_prepare_len(max_seq_len, tok, tokenizer, tok.name_or_path)
@@ -316,176 +269,26 @@ def prepare_pretrain(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
     return manifest
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Fine-tuning inputs: rows of labelled text, or CoNLL sentences
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def iter_table_rows(path: Path, fields: list[str]) -> Iterator[tuple[int, dict]]:
-    """(line, row) of a CSV/TSV/JSONL file; every name in `fields` must be present in every row."""
-    if path.suffix.lower() in JSONL_SUFFIXES:
-        rows: Iterable[tuple[int, dict]] = _jsonl_rows(path)
-    elif path.suffix.lower() in TABLE_SUFFIXES:
-        text = read_text(path)
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        header = reader.fieldnames or []
-        missing = [f for f in fields if f not in header]
-        if missing:
-            flag = {0: "text", len(fields) - 1: "label"}.get(fields.index(missing[0]), "text-pair")
-            raise ShardError(f"{path}: no column {missing[0]!r} in the header (columns: {', '.join(header)}); "
-                             f"rename the column or pass --{flag}-field")
-        rows = ((reader.line_num, row) for row in reader)
-    else:
-        raise ShardError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv, .jsonl, .conll (or .json "
-                         f"with --task qa)")
-    for lineno, row in rows:
-        for f in fields:
-            if row.get(f) is None or row.get(f) == "":
-                raise ShardError(f"{path} line {lineno}: no value for {f!r}; every row needs "
-                                 f"{' and '.join(repr(x) for x in fields)} (or drop the row)")
-        yield lineno, row
-
-
-BIO_TAG = re.compile(r"^(O|[BI]-\S+)$")
-
-
-def iter_conll(path: Path) -> Iterator[tuple[int, list[str], list[str]]]:
-    """(line, tokens, tags) per sentence of a CoNLL file: `token<TAB or space>tag` lines, blank line between."""
-    tokens: list[str] = []
-    tags: list[str] = []
-    start = 1
-    for lineno, line in enumerate(read_text(path).splitlines() + [""], 1):
-        if not line.strip() or line.startswith("-DOCSTART-"):
-            if tokens:
-                yield start, tokens, tags
-            tokens, tags, start = [], [], lineno + 1
-            continue
-        parts = line.split("\t") if "\t" in line else line.split()
-        if len(parts) < 2:
-            raise ShardError(f"{path} line {lineno}: expected 'token<TAB>tag', got {line!r}")
-        tag = parts[-1].strip()
-        if not BIO_TAG.match(tag):
-            raise ShardError(f"{path} line {lineno}: tag {tag!r} is not BIO/IOB2 (O, B-TYPE or I-TYPE); convert the "
-                             f"tags (e.g. BIOES E-/S- to I-/B-, bare types to B-/I-)")
-        tokens.append(parts[0])
-        tags.append(tag)
-    return
-
-
-CONLL_SUFFIXES = {".conll", ".bio", ".iob"}
 ROWS_PER_TASK = 512
 
 
-def _finetune_task(task: tuple[int, list[tuple]], kind: str, max_seq_len: int, doc_stride: int = 128) -> dict:
-    first, rows = task
-    tok = _WORKER["tok"]
-    if kind == "qa":
-        return encode_qa(tok, [r[2] for r in rows], first, max_seq_len, doc_stride)
-    if kind == "ner":
-        return encode_ner(tok, [r[0] for r in rows], [r[2] for r in rows], max_seq_len)
-    pairs = [r[1] for r in rows] if rows[0][1] is not None else None
-    cols = encode_rows(tok, [r[0] for r in rows], pairs, max_seq_len)
-    cols["labels" if kind == "multilabel" else "label"] = [r[2] for r in rows]
-    return cols
+def _finetune_task(chunk: tuple[int, list[tuple]], task: Any, max_seq_len: int, doc_stride: int = 128) -> dict:
+    first, rows = chunk
+    return task.encode(_WORKER["tok"], rows, first, max_seq_len, doc_stride)
 
 
-def _parse_label(value: Any, task: str | None, where: str) -> Any:
-    """A raw label cell → str (class), float (regression) or list[str] (multi-label: a JSON list or 'a;b')."""
-    if task == "regression":
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ShardError(f"{where}: regression label {value!r} is not a number; fix the row") from None
-    if task == "multilabel" and isinstance(value, str):
-        return [v.strip() for v in value.split(";") if v.strip()]
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    return value if isinstance(value, float) and task is None else str(value)
-
-
-def read_finetune_rows(files: list[Path], task: str | None, text_field: str, text_pair_field: str | None,
-                       label_field: str) -> tuple[list[tuple], list[str]]:
-    """(text or tokens, text_pair, raw label(s)) per example, and where each came from (file line N)."""
-    rows, where = [], []
-    for f in files:
-        if task == "qa":
-            if f.suffix.lower() != ".json":
-                raise ShardError(f"{f}: QA input must be SQuAD-style .json; got {f.suffix}")
-            try:
-                squad = json.loads(read_text(f))
-            except ValueError as e:
-                raise ShardError(f"{f}: not valid JSON ({e}); fix the file") from None
-            for example in read_squad(f, squad):
-                rows.append((example["question"], example["context"], example))
-                where.append(f"{f} question {example['id']}")
-            continue
-        if f.suffix.lower() in CONLL_SUFFIXES or task == "ner":
-            if f.suffix.lower() not in CONLL_SUFFIXES:
-                raise ShardError(f"{f}: NER input must be CoNLL (token<TAB>tag lines, .conll/.bio); got {f.suffix}")
-            for lineno, tokens, tags in iter_conll(f):
-                rows.append((tokens, None, tags))
-                where.append(f"{f} line {lineno}")
-            continue
-        fields = [text_field] + ([text_pair_field] if text_pair_field else []) + [label_field]
-        for lineno, row in iter_table_rows(f, fields):
-            loc = f"{f} line {lineno}"
-            text, pair = row[text_field], row[text_pair_field] if text_pair_field else None
-            for name, value in ((text_field, text), *([(text_pair_field, pair)] if pair is not None else [])):
-                if not isinstance(value, str):
-                    raise ShardError(f"{loc}: {name!r} must be a string, got {json.dumps(value)}; quote it or fix "
-                                     f"the row")
-            rows.append((text, pair, _parse_label(row[label_field], task, loc)))
-            where.append(loc)
-    return rows, where
-
-
-def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, task: str | None = None,
-                     max_seq_len: int = 128, text_field: str = "text", text_pair_field: str | None = None,
-                     label_field: str = "label", labels: str | None = None, workers: int | None = None,
-                     shard_bytes: int = 64 << 20, overwrite: bool = False, command: str | None = None,
-                     doc_stride: int = 128) -> dict:
-    """Labelled CSV/TSV/JSONL rows, CoNLL sentences or SQuAD JSON → fine-tuning shards + labels.json in `out`
-    (for qa also examples.jsonl: id, question, context, answers, to turn predicted spans back into text)."""
-    if task is not None and task not in TASKS:
-        raise ShardError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    check_workers(workers)
-    if max_seq_len < MIN_SEQ_LEN:  # before any work (the upper bound needs the tokenizer: below)
-        check_prepare_len(max_seq_len, None, tokenizer, None)
-    suffixes = {".json"} if task == "qa" else TABLE_SUFFIXES | JSONL_SUFFIXES | CONLL_SUFFIXES
-    _check_out(out, inputs, tokenizer, labels, overwrite)
-    files = input_files(inputs, suffixes)
-    rows, where = read_finetune_rows(files, task, text_field, text_pair_field, label_field)
-    if not rows:
-        raise ShardError(f"no examples found in {', '.join(map(str, inputs))}; check the files and --text-field")
-    if task is None:
-        task = "ner" if isinstance(rows[0][0], list) else infer_task(rows[0][2], text_pair_field is not None)
-        rows = [(t, p, _parse_label(v, task, w)) for (t, p, v), w in zip(rows, where, strict=True)]
-    if labels:
-        label_map = LabelMap.load(labels)
-        if label_map.task != task:
-            raise ShardError(f"{label_map.source} is for task {label_map.task!r}, these inputs are {task!r}; pass the "
-                             f"labels.json of a {task} training set")
-    else:
-        label_map = LabelMap.build(task, [r[2] for r in rows])
-        label_map.check_trainable([r[2] for r in rows], where, ", ".join(map(str, inputs)))
-    counts: Counter = Counter()
-    encoded = []
-    for (text, pair, value), loc in zip(rows, where, strict=True):
-        if task in ("regression", "qa"):
-            label: Any = value
-        elif task in ("multilabel", "ner"):
-            label = [label_map.id(v, loc) for v in value]
-            counts.update(value if task == "multilabel" else [v[2:] for v in value if v[:2] == "B-"])
-        else:
-            label = label_map.id(value, loc)
-            counts[value] += 1
-        encoded.append((text, pair, label))
+def write_finetune(encoded: list[tuple], out: str | os.PathLike, tokenizer: str, task: Any, max_seq_len: int,
+                   workers: int | None, shard_bytes: int, overwrite: bool, doc_stride: int,
+                   save_labels: Callable[[Path, dict[str, Any]], int], prepare: dict[str, Any]) -> dict:
+    """Labelled rows (text, pair, label ids) → the task's shards in `out`, with the task's extra files and the label
+    map (`save_labels(dir, stats)` writes it and returns the number of labels); returns the manifest. `task`: a
+    dtrain.tasks.Task (its name, schema(), encode(), write_extra())."""
     tok = load_tokenizer(tokenizer)
     check_prepare_len(max_seq_len, tok, tokenizer, tok.name_or_path)
-    fn = partial(_finetune_task, kind=task, max_seq_len=max_seq_len, doc_stride=doc_stride)
+    fn = partial(_finetune_task, task=task, max_seq_len=max_seq_len, doc_stride=doc_stride)
     truncated = tokens = 0
     with atomic_output_dir(out, overwrite, kind=DATASET) as tmp:
-        writer = ShardWriter(tmp, schema_for(task), shard_bytes)
+        writer = ShardWriter(tmp, task.schema(), shard_bytes)
         with _progress("prepare finetune", "row") as bar:
             for cols in run_parallel(fn, _batches(encoded, ROWS_PER_TASK), workers or min(os.cpu_count() or 1, 8),
                                      tokenizer):
@@ -493,20 +296,8 @@ def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
                 tokens += sum(cols["length"])
                 truncated += sum(n >= max_seq_len for n in cols["length"])
                 bar.update(len(cols["length"]))
-        stats: dict[str, Any] = {}
-        if task == "qa":
-            with open(tmp / "examples.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r[2], ensure_ascii=False) + "\n" for r in encoded)
-            stats = {"examples": len(encoded), "doc_stride": doc_stride}
-        if task == "regression":
-            values = np.array([r[2] for r in encoded], dtype=np.float64)
-            stats = {"mean": float(values.mean()), "std": float(values.std())}
-        label_map.save(tmp, counts, stats)
-        manifest = writer.close(kind="finetune", task=task, tokenizer=tokenizer_meta(tok, tokenizer),
-                                max_seq_len=max_seq_len, num_labels=len(label_map.labels), total_tokens=tokens,
-                                truncated=truncated,
-                                prepare={"command": command or " ".join(sys.argv), "inputs": [str(i) for i in inputs],
-                                         "text_field": text_field, "text_pair_field": text_pair_field,
-                                         "label_field": label_field, "labels": labels})
+        num_labels = save_labels(tmp, task.write_extra(tmp, encoded, doc_stride))
+        manifest = writer.close(kind="finetune", task=task.name, tokenizer=tokenizer_meta(tok, tokenizer),
+                                max_seq_len=max_seq_len, num_labels=num_labels, total_tokens=tokens,
+                                truncated=truncated, prepare=prepare)
     return manifest
-

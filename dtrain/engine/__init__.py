@@ -6,7 +6,7 @@ import torch
 
 from dtrain.config import Config
 from dtrain.distributed import DistEnv
-from dtrain.engine.base import Engine
+from dtrain.engine.base import Engine, EngineSections
 from dtrain.errors import DtrainError
 from dtrain.optim import build_optimizer, build_scheduler
 
@@ -15,10 +15,11 @@ def build_engine(cfg: Config, model: torch.nn.Module, env: DistEnv, total_steps:
     """The optimizer and LR schedule from the config, driven by the configured engine."""
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
+    sections = EngineSections.of(cfg)
     if cfg.parallel.engine == "ddp":
         from dtrain.engine.ddp import DDPEngine
 
-        return DDPEngine(model, optimizer, scheduler, env, cfg.precision, cfg.optim.max_grad_norm)
+        return DDPEngine(model, optimizer, scheduler, env, sections)
     if cfg.precision.dtype == "fp16" and env.device.type == "cpu":
         raise DtrainError("DeepSpeed refuses fp16 on a CPU (it needs AVX512-FP16/AMX); use precision.dtype=bf16, or "
                           "parallel.engine=ddp, whose GradScaler does fp16 on CPU")
@@ -27,4 +28,4 @@ def build_engine(cfg: Config, model: torch.nn.Module, env: DistEnv, total_steps:
     except ImportError as e:  # deepspeed not installed (or built against another torch)
         raise DtrainError(f"parallel.engine=deepspeed needs the deepspeed package, which does not import here ({e}); "
                           f"install it (`make install`) or use parallel.engine=ddp") from None
-    return DeepSpeedEngine(model, optimizer, scheduler, env, cfg)
+    return DeepSpeedEngine(model, optimizer, scheduler, env, sections)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dtrain.config import Config, DataConfig, OptimConfig, ParallelConfig, PrecisionConfig, ScheduleConfig
 from dtrain.errors import DtrainError
 
 
@@ -34,6 +35,23 @@ class StepInfo:
     skipped: bool  # the optimizer step was skipped (fp16 overflow): weights and schedule unchanged
     grad_norm: float  # global gradient norm before clipping (inf/nan on overflow)
     loss_scale: float | None  # fp16 dynamic loss scale after the step; None without fp16
+
+
+@dataclass(frozen=True)
+class EngineSections:
+    """The config sections an engine reads; both engines are built from the same ones (one signature):
+    Engine(model, optimizer, scheduler, env, sections). DeepSpeed's JSON also states the batch shape
+    (data.micro_batch_size, schedule.grad_accum_steps) and the clipping (optim.max_grad_norm)."""
+
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    @classmethod
+    def of(cls, cfg: Config) -> EngineSections:
+        return cls(cfg.precision, cfg.optim, cfg.parallel, cfg.schedule, cfg.data)
 
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -10,21 +10,21 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from dtrain.config import PrecisionConfig
 from dtrain.distributed import DistEnv
-from dtrain.engine.base import AUTOCAST, Engine, Forward, NonFiniteError, StepInfo, to_device
+from dtrain.engine.base import AUTOCAST, Engine, EngineSections, Forward, NonFiniteError, StepInfo, to_device
 
 STATE_FILE = "engine.pt"
 
 
 class DDPEngine(Engine):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: object,
-                 env: DistEnv, precision: PrecisionConfig, max_grad_norm: float | None):
+                 env: DistEnv, sections: EngineSections):
+        precision = sections.precision
         self.env, self.device = env, env.device
         self.model = model.to(env.device)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dtype = AUTOCAST[precision.dtype]
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm = sections.optim.max_grad_norm
         self.wrapped: torch.nn.Module = Forward(self.model)
         if env.world_size > 1:
             ids = [env.local_rank] if env.device.type == "cuda" else None

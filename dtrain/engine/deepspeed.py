@@ -39,9 +39,8 @@ from typing import Any
 
 import torch
 
-from dtrain.config import Config
 from dtrain.distributed import DistEnv, barrier, broadcast_object
-from dtrain.engine.base import CheckpointError, Engine, Forward, NonFiniteError, StepInfo, to_device
+from dtrain.engine.base import CheckpointError, Engine, EngineSections, Forward, NonFiniteError, StepInfo, to_device
 from dtrain.errors import DtrainError
 
 TAG = "deepspeed"
@@ -49,7 +48,8 @@ UNIVERSAL = "universal"  # <checkpoint>/universal/<TAG>: the checkpoint in DeepS
 _ZERO_RANK = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
-def deepspeed_config(cfg: Config, world_size: int, hidden_size: int | None = None) -> dict[str, Any]:
+def deepspeed_config(cfg: EngineSections, world_size: int, hidden_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON of these sections (a whole Config has them too)."""
     p = cfg.precision
     zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
     if hidden_size and cfg.parallel.zero_stage > 0:
@@ -107,19 +107,19 @@ def merge_user_config(generated: dict[str, Any], path: str | None) -> tuple[dict
 
 class DeepSpeedEngine(Engine):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, env: DistEnv,
-                 cfg: Config):
+                 sections: EngineSections):
         import deepspeed
 
         self.env, self.device, self.model = env, env.device, model
-        self.stage = cfg.parallel.zero_stage
+        self.stage = sections.parallel.zero_stage
         config, self.changes = merge_user_config(
-            deepspeed_config(cfg, env.world_size, getattr(getattr(model, "config", None), "hidden_size", None)),
-            cfg.parallel.deepspeed_config)
+            deepspeed_config(sections, env.world_size, getattr(getattr(model, "config", None), "hidden_size", None)),
+            sections.parallel.deepspeed_config)
         if env.is_main:
             for change in self.changes:
                 print(f"dtrain: parallel.deepspeed_config overrides {change}", file=sys.stderr)
         self.gas = int(config["gradient_accumulation_steps"])
-        if self.gas != cfg.schedule.grad_accum_steps:
+        if self.gas != sections.schedule.grad_accum_steps:
             raise DtrainError("parallel.deepspeed_config sets gradient_accumulation_steps; set "
                               "schedule.grad_accum_steps instead (the loop must agree with DeepSpeed)")
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(

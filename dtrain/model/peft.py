@@ -1,35 +1,39 @@
 """Parameter-efficient fine-tuning: freezing (embeddings, the lowest N layers, the whole encoder), BitFit, LoRA and
 prompt tuning on the Hugging Face BERT task models, and the way back to a plain transformers model for export.
 
-The task head (`classifier`, or `qa_outputs` for QA) always trains. Freezing is `requires_grad=False`, which
-`dtrain.optim.parameter_groups` skips, so frozen weights get neither updates nor weight decay.
+The task head (the task's `head_module`: `classifier`, or `qa_outputs` for QA) always trains. Freezing is
+`requires_grad=False`, which `dtrain.optim.parameter_groups` skips, so frozen weights get neither updates nor weight
+decay. The task comes from the caller (dtrain.tasks.apply_peft), as a PeftTask: model/ never imports dtrain.tasks.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 
 from dtrain.errors import DtrainError
 
-SEQUENCE_TASKS = ("classification", "pair", "multilabel", "regression")
-TASKS = (*SEQUENCE_TASKS, "ner", "qa")
 METHODS = ("none", "lora", "bitfit", "prompt_tuning")
 _IN_LAYER = re.compile(r"^.*?\.layer\.\d+\.")
 
 
-def head_name(task: str) -> str:
+class PeftTask(Protocol):
+    """What PEFT needs of a task (dtrain.tasks.Task has it): its name, the attribute of the HF model that holds
+    its head, peft's task type, and whether it has one output per sequence (prompt tuning needs that)."""
+
+    name: str
+    head_module: str
+    peft_task_type: str
+    sequence_level: bool
+
+
+def head_name(task: PeftTask) -> str:
     """The attribute of the task model that holds its head."""
-    if task not in TASKS:
-        raise DtrainError(f"task.type {task!r} has no PEFT support; choose one of {', '.join(TASKS)}")
-    return "qa_outputs" if task == "qa" else "classifier"
-
-
-def _peft_task_type(task: str) -> str:
-    return {"ner": "TOKEN_CLS", "qa": "QUESTION_ANS"}.get(task, "SEQ_CLS")
+    return task.head_module
 
 
 def is_peft(model: torch.nn.Module) -> bool:
@@ -64,7 +68,7 @@ def _frozen_prefixes(model: torch.nn.Module, cfg: Any) -> list[str]:
     return prefixes
 
 
-def _apply_freezing(model: torch.nn.Module, cfg: Any, task: str) -> None:
+def _apply_freezing(model: torch.nn.Module, cfg: Any, task: PeftTask) -> None:
     base = _encoder(model)
     layers = len(base.encoder.layer)
     if not 0 <= cfg.freeze_layers <= layers:
@@ -79,7 +83,7 @@ def _apply_freezing(model: torch.nn.Module, cfg: Any, task: str) -> None:
     getattr(model, head_name(task)).requires_grad_(True)
 
 
-def _apply_bitfit(model: torch.nn.Module, task: str) -> None:
+def _apply_bitfit(model: torch.nn.Module, task: PeftTask) -> None:
     """Only biases (of the parts not frozen already) and the head train."""
     head = f"{head_name(task)}."
     for name, p in model.named_parameters():
@@ -87,7 +91,7 @@ def _apply_bitfit(model: torch.nn.Module, task: str) -> None:
             p.requires_grad_(False)
 
 
-def _lora_targets(model: torch.nn.Module, cfg: Any, task: str) -> list[str]:
+def _lora_targets(model: torch.nn.Module, cfg: Any, task: PeftTask) -> list[str]:
     """Full names of the Linear modules LoRA adapts: those a target names (as peft matches it: the whole name or a
     dotted suffix), outside the head and the frozen parts."""
     head = head_name(task)
@@ -120,7 +124,7 @@ def _linear_layers(model: torch.nn.Module, linear: list[str]) -> str:
     return f"{kind}'s linear layers are {', '.join(leaves)}" + (f" ({', '.join(ambiguous)})" if ambiguous else "")
 
 
-def apply_peft(model: torch.nn.Module, cfg: Any, task: str) -> torch.nn.Module:
+def apply_peft(model: torch.nn.Module, cfg: Any, task: PeftTask, sequence_tasks: Sequence[str] = ()) -> torch.nn.Module:
     """The model to train under the `peft` config section: freezing first, then the method.
 
     none/bitfit change `requires_grad` in place and return `model`; lora/prompt_tuning return a peft PeftModel that
@@ -132,9 +136,9 @@ def apply_peft(model: torch.nn.Module, cfg: Any, task: str) -> torch.nn.Module:
     if cfg.train_head_only and cfg.method != "none":
         raise DtrainError(f"peft.train_head_only trains the task head alone, which contradicts "
                           f"peft.method={cfg.method}; set peft.method=none or peft.train_head_only=false")
-    if cfg.method == "prompt_tuning" and task not in SEQUENCE_TASKS:
-        raise DtrainError(f"peft.method=prompt_tuning supports sequence-level tasks ({', '.join(SEQUENCE_TASKS)}), "
-                          f"not {task}; use lora")
+    if cfg.method == "prompt_tuning" and not task.sequence_level:
+        raise DtrainError(f"peft.method=prompt_tuning supports sequence-level tasks ({', '.join(sequence_tasks)}), "
+                          f"not {task.name}; use lora")
     _apply_freezing(model, cfg, task)
     if cfg.method == "none":
         return model
@@ -145,7 +149,7 @@ def apply_peft(model: torch.nn.Module, cfg: Any, task: str) -> torch.nn.Module:
 
     if cfg.method == "lora":
         peft_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=_lora_targets(model, cfg, task), task_type=_peft_task_type(task),
+                              target_modules=_lora_targets(model, cfg, task), task_type=task.peft_task_type,
                               modules_to_save=[head])
     else:
         peft_cfg = PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="SEQ_CLS")

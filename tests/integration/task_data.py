@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from dtrain.data.prepare import prepare_finetune
+from dtrain.tasks import prepare_finetune
 from tests.conftest import WORDS
 
 FILLER = [w for w in WORDS[:40]]

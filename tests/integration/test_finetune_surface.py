@@ -65,7 +65,7 @@ def test_continued_fine_tuning_from_a_run_and_label_map_checks(sentiment, tokeni
     assert report["eval_history"][0]["accuracy"] > 0.8 and report["test"]["accuracy"] == pytest.approx(acc)
 
     # new data with a third label: refused unless extended explicitly
-    from dtrain.data.prepare import prepare_finetune
+    from dtrain.tasks import prepare_finetune
 
     rows = [json.dumps({"text": t, "label": lab}) for t, lab in
             [("the growth market", "pos"), ("the police report", "neg"), ("the a of", "neutral")] * 40]
@@ -110,7 +110,7 @@ def test_bad_input_gets_one_line_errors(sentiment, tokenizer_dir, tmp_path):
     # a test set prepared with its own label map (a label the model does not know)
     rows = [json.dumps({"text": "the growth", "label": lab}) for lab in ("pos", "neg", "meh")]
     (tmp_path / "odd.jsonl").write_text("\n".join(rows) + "\n")
-    from dtrain.data.prepare import prepare_finetune
+    from dtrain.tasks import prepare_finetune
 
     prepare_finetune([str(tmp_path / "odd.jsonl")], tmp_path / "odd", str(tokenizer_dir), max_seq_len=32, workers=1)
     result = finetune(tmp_path, tokenizer_dir, sentiment, tmp_path / "run2", f"data.test={tmp_path / 'odd'}",

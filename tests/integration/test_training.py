@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain.config import PrecisionConfig
+from dtrain.config import OptimConfig, PrecisionConfig
 from dtrain.distributed import DistEnv
+from dtrain.engine.base import EngineSections
 from dtrain.engine.ddp import DDPEngine
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,7 +122,9 @@ def test_fp16_overflow_skips_exactly_that_step_and_halves_the_scale():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     env = DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
-    engine = DDPEngine(model, opt, sched, env, PrecisionConfig(dtype="fp16", initial_loss_scale_power=10), 1.0)
+    fp16 = PrecisionConfig(dtype="fp16", initial_loss_scale_power=10)
+    sections = EngineSections(fp16, OptimConfig(max_grad_norm=1.0))
+    engine = DDPEngine(model, opt, sched, env, sections)
 
     def loss_of(scale):
         out = engine.forward(lambda m, b: {"y": m(b["x"])}, {"x": torch.ones(3, 4)})
@@ -168,7 +171,7 @@ def write_sentiment(root, tokenizer_dir):
     """A learnable toy sentiment task ("growth" → pos, "police" → neg), prepared as train/dev/test shards."""
     import random
 
-    from dtrain.data.prepare import prepare_finetune
+    from dtrain.tasks import prepare_finetune
     from tests.conftest import WORDS
 
     rng = random.Random(0)

@@ -431,7 +431,7 @@ def dev(sentiment) -> Path:
 @pytest.fixture(scope="session")
 def three_labels(tmp_path_factory, tokenizer) -> Path:
     """A training set with a third label (meh): the sentiment run's head does not fit its model."""
-    from dtrain.data.prepare import prepare_finetune
+    from dtrain.tasks import prepare_finetune
 
     root = tmp_path_factory.mktemp("three_labels")
     rows = [{"text": f"the {word}", "label": label} for word, label in
@@ -473,7 +473,7 @@ def bounded_tokenizer(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def long_train(tmp_path_factory, tokenizer) -> Path:
     """A training set of 602-token rows, prepared at --max-seq-len 1000 with a tokenizer that knows no limit."""
-    from dtrain.data.prepare import prepare_finetune
+    from dtrain.tasks import prepare_finetune
     from tests.conftest import WORDS
 
     root = tmp_path_factory.mktemp("long_train")

@@ -66,7 +66,7 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory, tokenizer_dir) -> Path:
     """A prepared classification set: 10 pos, 6 neg (labels.json: ["neg", "pos"], counts 6 and 10)."""
-    from dtrain.data.prepare import prepare_finetune
+    from dtrain.tasks import prepare_finetune
 
     root = tmp_path_factory.mktemp("labelled")
     rows = [{"text": "the market growth", "label": "pos"}] * 10 + [{"text": "the police court", "label": "neg"}] * 6
@@ -186,7 +186,7 @@ def test_a_tokenizer_dir_without_a_vocabulary_is_refused(tmp_path):
 
 def test_labels_json_is_read_by_id_and_checked_against_the_shards(labelled, tmp_path):
     from dtrain.data.shards import ShardError
-    from dtrain.data.tasks import LabelMap
+    from dtrain.tasks import LabelMap
 
     def load(name: str, labels) -> list[str]:  # noqa: ANN001
         return LabelMap.load(edited(labelled, tmp_path / name, labels)).labels
@@ -256,7 +256,7 @@ def test_label_sets_that_cannot_train_are_refused_at_prepare(tokenizer_dir, tmp_
 
 def test_a_one_class_model_is_one_line_not_a_problem_type_traceback():
     from dtrain.errors import DtrainError
-    from dtrain.model.heads import task_model
+    from dtrain.tasks import task_model
 
     with pytest.raises(DtrainError, match=r"has 1 label\(s\) \['pos'\], but a classifier needs two classes at least"):
         task_model("classification", "tiny", ["pos"])
@@ -300,7 +300,7 @@ def test_sequence_length_and_worker_bounds_at_prepare(tokenizer_dir, tmp_path):
 @pytest.fixture(scope="module")
 def long_rows(tmp_path_factory, tokenizer_dir) -> Path:
     """Fine-tuning rows of 600 words (602 tokens), prepared at 1000 with a tokenizer that knows no limit."""
-    from dtrain.data.prepare import prepare_finetune
+    from dtrain.tasks import prepare_finetune
 
     root = tmp_path_factory.mktemp("long_rows")
     text = " ".join(WORDS[i % 60] for i in range(600))

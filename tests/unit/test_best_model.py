@@ -5,8 +5,9 @@ import contextlib
 
 import torch
 
+from dtrain.config import EarlyStoppingConfig
 from dtrain.distributed import DistEnv
-from dtrain.trainer import Trainer
+from dtrain.trainer import Plan, Trainer, TrainerSections
 
 
 class _Engine:
@@ -26,7 +27,7 @@ class _Checkpointer:
     def __init__(self):
         self.saved = []
 
-    def save(self, step, engine, state, config_yaml, best=False):
+    def save(self, step, parts, best=False):
         self.saved.append((step, best))
 
 
@@ -41,9 +42,9 @@ class _Logger:
 def _trainer(values, **kw):
     scores = iter(values)
     checkpointer = _Checkpointer()
-    trainer = Trainer(DistEnv(0, 1, 0, torch.device("cpu"), "gloo"), _Engine(), _Loader(), None, 100, 1,
-                      checkpointer, _Logger(), "", evaluate=lambda engine: {"accuracy": next(scores)},
-                      metric="accuracy", keep_best=True, **kw)
+    trainer = Trainer(DistEnv(0, 1, 0, torch.device("cpu"), "gloo"), _Engine(), _Loader(), None, checkpointer,
+                      _Logger(), TrainerSections(early_stopping=EarlyStoppingConfig(**kw)),
+                      Plan(100, evaluate=lambda engine: {"accuracy": next(scores)}, metric="accuracy", keep_best=True))
     return trainer, checkpointer
 
 

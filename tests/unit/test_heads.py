@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from dtrain.errors import DtrainError
-from dtrain.evaluation import best_spans, decode_answer
 from dtrain.model.bert import IGNORE
-from dtrain.model.heads import Head, _grow_head, resolve_task, task_model
+from dtrain.model.heads import grow_head as _grow_head
+from dtrain.tasks import Head, resolve_task, task_model
+from dtrain.tasks.qa import best_spans, decode_answer
 
 
 def test_weighted_classification_loss_is_the_weighted_mean():

@@ -15,9 +15,10 @@ from transformers import (
 
 from dtrain.errors import DtrainError
 from dtrain.model.bert import count_parameters
-from dtrain.model.peft import apply_peft, base_hf_model, is_peft, trainable_summary
+from dtrain.model.peft import base_hf_model, is_peft, trainable_summary
 from dtrain.model.presets import preset_config
 from dtrain.optim import build_optimizer
+from dtrain.tasks import apply_peft
 
 CLASSES = {"classification": BertForSequenceClassification, "ner": BertForTokenClassification,
            "qa": BertForQuestionAnswering}

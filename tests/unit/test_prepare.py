@@ -6,9 +6,10 @@ import datasets
 import numpy as np
 import pytest
 
-from dtrain.data.prepare import load_tokenizer, prepare_finetune, prepare_pretrain
+from dtrain.data import IGNORE
+from dtrain.data.prepare import load_tokenizer, prepare_pretrain
 from dtrain.data.shards import ShardedDataset, ShardError
-from dtrain.data.tasks import IGNORE, FinetuneCollator, LabelMap
+from dtrain.tasks import FinetuneCollator, LabelMap, prepare_finetune
 from tests.conftest import make_corpus
 
 

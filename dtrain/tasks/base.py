@@ -1,0 +1,225 @@
+"""The Task interface: what one fine-tuning task owns, from raw rows to decoded predictions.
+
+A task object is stateless (one instance per task, in the registry); the per-run options (class weights, label
+smoothing, the labels, thresholds) reach its methods through the objects that carry them: the Head (loss), the
+LabelMap (labels), the Evaluator (report). The defaults here are those of a sequence-level task over the text (and
+text pair) of a table row; the task modules override what differs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from dtrain.data import IGNORE
+from dtrain.data.rows import CONLL_SUFFIXES, JSONL_SUFFIXES, TABLE_SUFFIXES, read_labelled_rows
+from dtrain.data.shards import ShardError
+from dtrain.errors import DtrainError
+
+FEATURES = [("input_ids", pa.list_(pa.int32())), ("token_type_ids", pa.list_(pa.int8())), ("length", pa.int32())]
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) or bool(_NUMBER.match(str(value).strip()))
+
+
+def pad_2d(rows: Sequence[np.ndarray], width: int, value: int) -> np.ndarray:
+    out = np.full((len(rows), width), value, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def encode_rows(tok: Any, texts: list[str], pairs: list[str] | None, max_seq_len: int) -> dict[str, list]:
+    """Tokenize (text[, text_pair]) rows with [CLS] A [SEP] (B [SEP]), longest-first truncation."""
+    enc = tok(texts, pairs, truncation="longest_first" if pairs else True, max_length=max_seq_len,
+              return_token_type_ids=True)
+    return {"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"],
+            "length": [len(x) for x in enc["input_ids"]]}
+
+
+class Task:
+    """One fine-tuning task. Rows at prepare are (text or tokens, text_pair or None, label value)."""
+
+    name = ""
+    also_fits: tuple[str, ...] = ()  # prepared tasks a model of this task also trains on (classification: pair)
+    # model
+    hf_class = "BertForSequenceClassification"
+    problem_type: str | None = None
+    default_metric = "accuracy"
+    head_module = "classifier"  # the attribute of the HF model that holds the head (always trains under PEFT)
+    peft_task_type = "SEQ_CLS"
+    sequence_level = True  # one output per sequence (prompt tuning applies), not per token
+    class_weights_ok = False
+    # labels
+    named_labels = True  # a label map of names (not regression's numbers, not qa's spans)
+    label_column = "label"
+    label_type: pa.DataType = pa.int32()
+    list_labels = False  # a row has a list of labels (multilabel, ner)
+    counts_per_label = True  # labels.json counts name the labels (ner counts entity types)
+    input_suffixes = TABLE_SUFFIXES | JSONL_SUFFIXES | CONLL_SUFFIXES
+
+    def trains_on(self, prepared: str) -> bool:
+        """Whether a model of this task trains on (and evaluates) data prepared for task `prepared`."""
+        return prepared == self.name or prepared in self.also_fits
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}>"
+
+    def __reduce__(self) -> tuple:  # pickled by name (prepare's worker processes): the registry's one instance
+        from dtrain.tasks.registry import get_task
+
+        return get_task, (self.name,)
+
+    # -- prepare: rows, labels, features ----------------------------------------------------------------------------
+
+    def read_rows(self, files: list[Path], text_field: str, text_pair_field: str | None,
+                  label_field: str) -> tuple[list[tuple], list[str]]:
+        return read_labelled_rows(files, text_field, text_pair_field, label_field, self.parse_label)
+
+    def parse_label(self, value: Any, where: str) -> Any:
+        return [str(v) for v in value] if isinstance(value, list) else str(value)
+
+    def label_names(self, values: Sequence[Any]) -> list[str]:
+        if not self.named_labels:
+            return []
+        flat = [v for vs in values for v in vs] if self.list_labels else list(values)
+        return sorted({str(v) for v in flat})
+
+    def check_labels(self, label_map: Any, values: Sequence[Any], where: Sequence[str], source: str) -> None:
+        """A training set's labels (no --labels given) must make a task that can train: one kind of label (names or
+        numbers, not both), and enough classes."""
+        if not self.named_labels:
+            return
+        flat = [(v, w) for vs, w in zip(values, where, strict=True) for v in vs] \
+            if self.list_labels else list(zip(values, where, strict=True))
+        if flat:
+            self.check_one_kind(label_map, flat)
+        self.check_classes(label_map, values, source)
+
+    def check_one_kind(self, label_map: Any, flat: list[tuple[Any, str]]) -> None:
+        first, first_at = flat[0]
+        kind = is_number(first)
+        for v, at in flat:
+            if is_number(v) != kind:
+                names = [x for x in label_map.labels if not is_number(x)][:4]
+                numbers = [x for x in label_map.labels if is_number(x)][:4]
+                raise ShardError(f"{at}: label {v!r} is a {'number' if not kind else 'name'}, but {first_at} "
+                                 f"has the {'number' if kind else 'name'} {first!r}: labels that mix numbers "
+                                 f"({', '.join(numbers)}) and names ({', '.join(names)}) become "
+                                 f"{len(label_map.labels)} separate classes; give every row a name or every row a "
+                                 f"number")
+
+    def check_classes(self, label_map: Any, values: Sequence[Any], source: str) -> None:
+        pass
+
+    def label_ids(self, value: Any, label_map: Any, where: str, counts: Counter) -> Any:
+        """A parsed label → what the shard stores; `counts` (labels.json) updated."""
+        counts[value] += 1
+        return label_map.id(value, where)
+
+    def schema(self) -> pa.Schema:
+        return pa.schema([*FEATURES, (self.label_column, self.label_type)])
+
+    def encode(self, tok: Any, rows: list[tuple], first: int, max_seq_len: int, doc_stride: int) -> dict[str, list]:
+        """Rows (text, pair, label id(s)) → shard columns (runs in prepare's worker processes)."""
+        pairs = [r[1] for r in rows] if rows[0][1] is not None else None
+        cols = encode_rows(tok, [r[0] for r in rows], pairs, max_seq_len)
+        cols[self.label_column] = [r[2] for r in rows]
+        return cols
+
+    def write_extra(self, out: Path, encoded: list[tuple], doc_stride: int) -> dict[str, Any]:
+        """Files beside the shards and statistics for labels.json."""
+        return {}
+
+    # -- collation --------------------------------------------------------------------------------------------------
+
+    def targets(self, samples: list[dict[str, Any]], pad: np.ndarray, width: int, num_labels: int) -> dict:
+        """The batch's targets; padding repeats (pad) get ignored ones so they add nothing to the loss."""
+        labels = np.array([int(s["label"]) for s in samples], dtype=np.int64)
+        labels[pad] = IGNORE
+        return {"labels": labels}
+
+    # -- model ------------------------------------------------------------------------------------------------------
+
+    def num_outputs(self, labels: Sequence[str]) -> int:
+        return len(labels)
+
+    def check_model_labels(self, labels: Sequence[str]) -> None:
+        pass
+
+    def model_config(self, labels: Sequence[str]) -> dict[str, Any]:
+        """Keyword arguments of the HF config: label names in it, so pipeline() prints them."""
+        extra: dict[str, Any] = {"problem_type": self.problem_type} if self.problem_type else {}
+        extra["num_labels"] = self.num_outputs(labels)
+        if labels and self.named_labels:
+            extra["id2label"] = dict(enumerate(labels))
+            extra["label2id"] = {name: i for i, name in enumerate(labels)}
+        return extra
+
+    # -- loss -------------------------------------------------------------------------------------------------------
+
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits as float32: [B, C] (sequence tasks), [B, T, C] (ner), [B, T, 2] start/end (qa)."""
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    token_type_ids=batch["token_type_ids"])
+        return self.logits(out).float()
+
+    def logits(self, out: Any) -> torch.Tensor:
+        return out.logits
+
+    def loss_terms(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], head: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def counts(self, batch: dict[str, torch.Tensor], head: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # -- evaluation -------------------------------------------------------------------------------------------------
+
+    def records(self, x: np.ndarray, batch: dict[str, torch.Tensor], keep: list[int]) -> list[tuple]:
+        """(dataset index, task-specific arrays ...) per real (not padding) sample."""
+        index = batch["index"]
+        return [(int(index[i]), x[i], batch["labels"][i].cpu().numpy()) for i in keep]
+
+    def report(self, records: list[tuple], evaluator: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- prediction -------------------------------------------------------------------------------------------------
+
+    def input_fields(self, fields: dict[str, str | None]) -> list[str]:
+        return [fields["text"]] + ([fields["text_pair"]] if fields.get("text_pair") else [])
+
+    def predict_encode(self, tok: Any, rows: list[dict[str, Any]], fields: dict[str, str | None], max_seq_len: int,
+                       doc_stride: int) -> Any:
+        text, pair = fields["text"], fields.get("text_pair")
+        return tok([r[text] for r in rows], [r[pair] for r in rows] if pair else None, truncation=True,
+                   max_length=max_seq_len, return_offsets_mapping=False)
+
+    def output_of(self, logits: np.ndarray, length: int) -> np.ndarray:
+        """One input's output from its row of the batch's logits."""
+        return logits
+
+    def decode(self, outputs: list[np.ndarray], enc: Any, rows: list[dict[str, Any]], fields: dict[str, str | None],
+               labels: list[str], threshold: float, max_answer_length: int) -> list[dict]:
+        raise NotImplementedError
+
+
+def check_class_weights(task: Task, class_weights: Sequence[float] | None, num_labels: int) -> None:
+    if class_weights is not None and not task.class_weights_ok:
+        raise DtrainError(f"task.class_weights applies to classification, not {task.name}; remove it")
+    if class_weights is not None and len(class_weights) != num_labels:
+        raise DtrainError(f"task.class_weights has {len(class_weights)} values but the task has {num_labels} "
+                          f"labels; give one weight per label in labels.json order")

@@ -1,0 +1,111 @@
+"""What a run builds from its task: the head (the trainer's Objective: loss terms and target counts), the collator
+(padding a batch only as far as its longest sequence), the HF task model and its PEFT wrapping."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from dtrain.data.shards import ShardError
+from dtrain.errors import DtrainError
+from dtrain.model import peft
+from dtrain.model.bert import load_model
+from dtrain.model.heads import export_dir_of, grow_head
+from dtrain.tasks.base import Task, check_class_weights, pad_2d
+from dtrain.tasks.registry import SEQUENCE_TASKS, TASKS, get_task
+
+
+class Head:
+    """Loss and outputs of one task with this run's options. `losses`/`counts` form the trainer's Objective;
+    `forward` feeds evaluation and prediction."""
+
+    def __init__(self, task: str | Task, class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0,
+                 num_labels: int = 0):
+        self.task = get_task(task)
+        check_class_weights(self.task, class_weights, num_labels)
+        self.label_smoothing = label_smoothing
+        self.weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.task.forward(model, batch)
+
+    def loss_terms(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.task.loss_terms(logits, batch, self)
+
+    def losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.loss_terms(self.forward(model, batch), batch)
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Targets per loss term (class-weighted for weighted classification, so the loss is a weighted mean)."""
+        return self.task.counts(batch, self)
+
+
+class FinetuneCollator:
+    """Pads a batch to its longest sequence (rounded up to a multiple of 8), not to max_seq_len.
+
+    Output (numpy; StreamLoader hands tensors to the loop): input_ids, attention_mask, token_type_ids, index, pad and
+    the task's targets (Task.targets: labels, or for qa start_position, end_position and example). Padding repeats
+    (pad=True) get ignored targets (-100; NaN for regression) so they add nothing to the loss.
+    """
+
+    def __init__(self, task: str | Task, pad_id: int, num_labels: int = 0, pad_to_multiple_of: int = 8):
+        if not isinstance(task, Task) and task not in TASKS:
+            raise ShardError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        self.task, self.pad_id, self.num_labels, self.multiple = get_task(task), pad_id, num_labels, pad_to_multiple_of
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        lengths = np.array([len(s["input_ids"]) for s in samples])
+        width = -(-int(lengths.max()) // self.multiple) * self.multiple
+        pad = np.array([bool(s["pad"]) for s in samples])
+        batch = {"input_ids": pad_2d([s["input_ids"] for s in samples], width, self.pad_id),
+                 "attention_mask": (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64),
+                 "token_type_ids": pad_2d([s["token_type_ids"] for s in samples], width, 0),
+                 "index": np.array([int(s["index"]) for s in samples]), "pad": pad}
+        return {**batch, **self.task.targets(samples, pad, width, self.num_labels)}
+
+
+def task_model(task: str | Task, name_or_path: str, labels: Sequence[str], dropout: float | None = None,
+               attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, list[str]]:
+    """The HF model of the task with label names in its config (so pipeline() prints them)."""
+    import transformers
+
+    task = get_task(task)
+    task.check_model_labels(labels)
+    return load_model(getattr(transformers, task.hf_class), name_or_path, dropout, attn_implementation,
+                      **task.model_config(labels))
+
+
+def init_from_run(task: str | Task, path: str, labels: Sequence[str], extend: bool, dropout: float | None = None,
+                  attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, list[str]]:
+    """Continue fine-tuning an earlier fine-tuned model (model.init_from) on new data: the same label map, or with
+    task.extend_labels a superset of it (old labels keep their head rows, new ones start fresh)."""
+    task = get_task(task)
+    source = export_dir_of(path)
+    config = json.loads((source / "config.json").read_text())
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch != task.hf_class:
+        raise DtrainError(f"model.init_from={path}: it is a {arch}, but task {task.name} needs {task.hf_class}; "
+                          f"init from a run of the same task")
+    if not task.named_labels:
+        return task_model(task, str(source), labels, dropout, attn_implementation)
+    old = [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))]
+    if old == list(labels):
+        return task_model(task, str(source), labels, dropout, attn_implementation)
+    missing = [x for x in old if x not in labels]
+    if not extend or missing:
+        why = f"labels {missing} of the old model are not in data.train" if missing else "the label maps differ"
+        raise DtrainError(f"model.init_from={path}: {why} (old: {old[:10]}, new: {list(labels)[:10]}); prepare the "
+                          f"new data with --labels <old train dir>, or set task.extend_labels=true to add labels")
+    model, _ = task_model(task, str(source), old, dropout, attn_implementation)
+    return grow_head(model, old, list(labels))
+
+
+def apply_peft(model: torch.nn.Module, cfg: Any, task: str | Task) -> torch.nn.Module:
+    """dtrain.model.peft.apply_peft for the task (its head module, its peft task type, whether it is sequence-level)."""
+    if not isinstance(task, Task) and task not in TASKS:
+        raise DtrainError(f"task.type {task!r} has no PEFT support; choose one of {', '.join(TASKS)}")
+    return peft.apply_peft(model, cfg, get_task(task), SEQUENCE_TASKS)
