@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -224,7 +225,8 @@ def remove_leftovers(out: Path, flag: str) -> None:
     replacement (`out` missing, `.<name>.old-*/old` there) is put back instead."""
     import shutil
 
-    found = sorted(p for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*") for p in out.parent.glob(pattern))
+    name = glob.escape(out.name)  # an output named `a*` must not match another output's leftovers
+    found = sorted(p for pattern in (f".{name}.tmp-*", f".{name}.old-*") for p in out.parent.glob(pattern))
     if not found:
         return
     restored = None

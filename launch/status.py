@@ -20,6 +20,7 @@ What a launcher does with each state after the training processes have ended:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 STATUS = "status.json"
+RUN_LOCK = ".dtrain.lock"  # dtrain.locks.RUN_LOCK
 REQUEUE_STATES = ("preempted",)
 SUCCESS_STATES = ("finished", "stopped")
 
@@ -46,8 +48,8 @@ def settle(run_dir: str | os.PathLike, exit_status: int) -> dict[str, Any]:
     """The run's state once its processes have ended: a `running` left by a process that was killed before it could
     write its state becomes `failed`, written back to status.json (atomically) so every later reader agrees."""
     status = read_status(run_dir)
-    if status["state"] != "running":
-        return status
+    if status["state"] != "running" or _held(Path(run_dir) / RUN_LOCK):
+        return status  # (a run that still holds its run dir's lock is alive: e.g. this job was the one refused)
     status = {**status, "state": "failed",
               "reason": f"the training processes ended with exit status {exit_status} while the run was at step "
                         f"{status.get('step', '?')} without writing their state: a process was killed (kill -9, "
@@ -63,6 +65,23 @@ def settle(run_dir: str | os.PathLike, exit_status: int) -> dict[str, Any]:
     except OSError as e:
         print(f"launch.status: warning: could not record the failure in {path} ({e.strerror})", file=sys.stderr)
     return status
+
+
+def _held(lock: Path) -> bool:
+    """Whether a live process holds the flock on `lock` (dtrain/locks.py takes it for the life of a run)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (closing drops the probe's own lock, if it got one)
+    return False
 
 
 def requeue(status: dict[str, Any]) -> bool:

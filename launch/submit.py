@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from launch.status import SUCCESS_STATES, describe, requeue, settle
+from launch.status import SUCCESS_STATES, describe, read_status, requeue, settle
 from launch.torchrun import LaunchError, node_command
 
 PREEMPTED_GRACE_S = 60
@@ -72,7 +72,10 @@ class DtrainJob:
             proc.send_signal(signal.SIGUSR2)  # torchrun forwards it (a second signal to a worker is harmless)
             while proc.poll() is None:
                 time.sleep(0.5)
-        if proc is not None and not requeue(settle(self.run_dir, proc.returncode)):
+        if proc is None:
+            if read_status(self.run_dir)["state"] == "finished":
+                return None  # an earlier attempt finished the run: nothing to requeue
+        elif not requeue(settle(self.run_dir, proc.returncode)):
             return None  # finished, stopped or failed meanwhile: submitit does not requeue
         return submitit.helpers.DelayedSubmission(
             DtrainJob(self.entry, self.config, self.overrides, self.run_dir, self.nproc_per_node))

@@ -79,7 +79,8 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, kind: str
         try:
             yield tmp
             files.normalise_modes(tmp)
-            if out.exists():
+            empty = out.is_dir() and not any(out.iterdir())  # an empty dir holds nothing to lose: renamed over
+            if out.exists() and not empty:
                 if not overwrite:  # made by someone else while this one was built: never replaced unasked
                     raise ShardError(f"{out} appeared while this output was being written; choose another output "
                                      f"dir or pass --overwrite")

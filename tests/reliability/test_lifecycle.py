@@ -154,3 +154,17 @@ def test_submitit_jobs_return_requeue_or_fail_by_state(state, tmp_path, monkeypa
             assert ": lost rank 1 on n2" in str(e.value) or "without writing their state" in str(e.value)
     requeued = job.checkpoint()  # submitit's preemption hook, after the step ended
     assert (requeued is not None) == (state == "preempted"), state
+
+
+def test_settle_leaves_a_run_that_still_holds_its_lock_alone(tmp_path):
+    # a second job refused by the run dir's lock must not mark the live run as failed when its launcher settles
+    from dtrain.locks import RUN_LOCK, acquire_lock
+    from launch.status import settle
+
+    (tmp_path / "status.json").write_text(json.dumps({"state": "running", "step": 3}))
+    lock = acquire_lock(tmp_path / RUN_LOCK, "busy", "x")
+    try:
+        assert settle(tmp_path, 2)["state"] == "running" and _status(tmp_path)["state"] == "running"
+    finally:
+        lock.release()
+    assert settle(tmp_path, 2)["state"] == "failed"  # its holder is gone: now it is a dead run

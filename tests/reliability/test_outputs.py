@@ -300,3 +300,18 @@ def test_a_second_run_on_a_run_dir_in_use_is_refused(tokenizer, train, tmp_path)
     lock = acquire_lock(run / RUN_LOCK, "busy", "x")  # the file is left behind, the lock is not
     lock.release()
     assert not (run / RUN_LOCK).exists()
+
+
+def test_an_existing_empty_output_dir_is_taken_and_names_are_not_patterns(tmp_path):
+    from dtrain import files
+    from dtrain.data.shards import atomic_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()  # `mkdir out && dtrain prepare ... --out out`: nothing in it to lose
+    with atomic_output_dir(out, kind=files.DATASET) as tmp:
+        (tmp / "manifest.json").write_text("{}\n")
+    assert (out / "manifest.json").is_file()
+    other = tmp_path / ".x1.tmp-abc"  # a leftover of output `x1`, which an output named `x?` must not remove
+    other.mkdir()
+    files.remove_leftovers(tmp_path / "x?", "--out")
+    assert other.is_dir()
