@@ -28,10 +28,11 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import machine_line, reproduce, write_section  # noqa: E402
 from dtrain.data.examples import example_path  # noqa: E402
-from dtrain.data.prepare import iter_documents, load_tokenizer, prepare_pretrain, split_sentences  # noqa: E402
+from dtrain.data.prepare import iter_documents, prepare_pretrain, split_sentences  # noqa: E402
 from dtrain.data.pretraining import PretrainingCollator  # noqa: E402
 from dtrain.data.shards import ShardedDataset  # noqa: E402
 from dtrain.data.stream import StreamingDataset, StreamLoader  # noqa: E402
+from dtrain.model.tokenizer import load_tokenizer  # noqa: E402
 
 
 def timed(fn):

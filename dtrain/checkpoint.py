@@ -1,4 +1,5 @@
-"""Checkpoints: atomic directories under <run_dir>/checkpoints, a `latest` pointer, keep-last-K, resume, export.
+"""Checkpoints: atomic directories under <run_dir>/checkpoints, a `latest` pointer, keep-last-K, resume (the HF
+export of a run or a checkpoint: export.py).
 
 A checkpoint is the dict of every stateful part, handed to `save` / `load` as one dict (Trainer.parts): the engine
 writes its own files (model, optimizer, scheduler, loss scaler: DeepSpeed's layout is its own), the RNG one file per
@@ -27,9 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtrain.data.shards import atomic_output_dir
 from dtrain.distributed import DistEnv, any_rank, barrier, broadcast_object
-from dtrain.engine.base import CheckpointError, Engine
+from dtrain.engine.base import CheckpointError
 from dtrain.errors import DtrainError
 from dtrain.files import sha256_file, write_atomic
 
@@ -303,28 +303,3 @@ def latest_checkpoint(root: Path) -> Path | None:
             return named
     done = sorted(p for p in root.glob("step-*") if (p / TRAINER_FILE).is_file())
     return done[-1] if done else None
-
-
-def export_hf(engine: Engine, model_template: torch.nn.Module, tokenizer: Any, out: Path, env: DistEnv,
-              checkpoint: Path | None = None) -> None:
-    """Write an HF model dir (config, safetensors) + tokenizer from the engine's consolidated weights (rank 0);
-    `checkpoint`: the checkpoint just saved of this state."""
-    from dtrain.model.bert import quiet_transformers
-    from dtrain.model.peft import base_hf_model, is_peft
-
-    state = engine.full_state_dict(checkpoint)
-    if env.is_main:
-        with atomic_output_dir(out, overwrite=True) as tmp:  # the run's own export: replaced whole when complete
-            with quiet_transformers():
-                if is_peft(model_template):  # LoRA merged into a plain HF model (prompt tuning: see peft.py)
-                    base_hf_model(model_template, state).save_pretrained(tmp)
-                else:
-                    model_template.save_pretrained(tmp, state_dict=state)
-            # save_pretrained records the module's dtype (16-bit under DeepSpeed bf16/fp16); the weights are fp32
-            if (tmp / "config.json").is_file():  # (a prompt-tuning export is a peft adapter dir without one)
-                config = json.loads((tmp / "config.json").read_text())
-                config.update({k: "float32" for k in ("dtype", "torch_dtype") if k in config})
-                (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-    barrier()

@@ -7,37 +7,19 @@ from (the YAML file or the command-line override). The result is a frozen pictur
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
 import json
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
-from dtrain.errors import DtrainError
+from dtrain import schema
 from dtrain.files import write_atomic
-
-
-class ConfigError(DtrainError):
-    """A one-line, user-facing configuration error (names the key, the source and the fix)."""
-
-
-def opt(default: Any, help: str, **checks: Any) -> Any:
-    """A config field with its help text (shown by `dtrain config keys`) and optional range checks.
-
-    checks: ge/gt/le/lt bounds for numbers.
-    """
-    meta = {"help": help, **checks}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
+from dtrain.schema import ConfigError, build, check_layer, merge, opt, type_name
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The schema. Sections are filled in by the parts that read them; every field has a help text.
@@ -154,11 +136,16 @@ class EarlyStoppingConfig:
 
 
 
+def _task_names() -> list[str]:
+    from dtrain.tasks.registry import ALIASES, TASKS  # lazily: the registry imports torch; the list is written there
+
+    return [*TASKS, *ALIASES]
+
+
 @dataclass(frozen=True)
 class TaskConfig:
-    type: Literal["classification", "multilabel", "regression", "token_classification", "question_answering",
-                  "pair", "ner", "qa"] | None = opt(
-        None, "Fine-tuning task; null = as the training set's labels.json says (pair, ner, qa: aliases)")
+    type: str | None = opt(None, "Fine-tuning task (a name of the task registry, dtrain/tasks); null = as the training "
+                                 "set's labels.json says", choices=_task_names)
     class_weights: list[float] | None = opt(None, "classification: loss weight per class, in labels.json order")
     label_smoothing: float = opt(0.0, "classification: label smoothing of the cross-entropy", ge=0, lt=1)
     threshold: float = opt(0.5, "multilabel: probability at or above which a label is predicted", gt=0, lt=1)
@@ -207,167 +194,12 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=120)
 
 
-INHERIT_KEYS = ("base", "defaults")  # a YAML file may name the file(s) it extends under either key
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Schema introspection
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _fields(cls: type) -> dict[str, tuple[Any, dataclasses.Field]]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
-
-
 def iter_keys(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, Any, dataclasses.Field]]:
     """Every leaf key of the schema as (dotted path, type, field)."""
-    for name, (tp, f) in _fields(cls).items():
-        if dataclasses.is_dataclass(tp):
-            yield from iter_keys(tp, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}", tp, f
+    return schema.iter_keys(cls, prefix)
 
 
-def type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) if isinstance(a, str) else str(a) for a in args)
-    if origin in (Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return " or ".join(type_name(a) for a in inner) + " or null"
-    if origin is list:
-        return f"list of {type_name(args[0])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _all_paths() -> list[str]:
-    leaves = [p for p, _, _ in iter_keys()]
-    sections = [n for n, (tp, _) in _fields(Config).items() if dataclasses.is_dataclass(tp)]
-    return leaves + sections
-
-
-def _unknown_key(path: str, source: str) -> ConfigError:
-    guess = difflib.get_close_matches(path, _all_paths(), n=1, cutoff=0.6)
-    hint = f" — did you mean {guess[0]}?" if guess else " — run `dtrain config keys` to list valid keys"
-    return ConfigError(f"unknown key {path}{hint} ({source})")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Coercion: a raw value (from YAML or a command-line string) → the field's type, or a ConfigError
-# ---------------------------------------------------------------------------------------------------------------------
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-_NULL = {"null", "none", "~", ""}
-
-
-def _bad(path: str, tp: Any, value: Any, source: str) -> ConfigError:
-    # a command-line value is text whatever it looks like: show it as typed (`got 4`, not `got '4' (str)`)
-    shown = value if isinstance(value, str) and source.startswith("command-line") else \
-        f"{value!r} ({type(value).__name__})"
-    return ConfigError(f"{path}: expected {type_name(tp)}, got {shown} ({source})")
-
-
-def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NULL):
-            return None
-        for a in inner:
-            try:
-                return _coerce(value, a, path, source)
-            except ConfigError:
-                pass
-        raise _bad(path, tp, value, source)
-    if origin is Literal:
-        for choice in args:
-            if type(value) is type(choice) and value == choice:
-                return choice
-            if isinstance(value, str) and value == str(choice):
-                return choice
-        raise _bad(path, tp, value, source)
-    if origin is list:
-        if isinstance(value, str):
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-            value = parsed
-        if not isinstance(value, (list, tuple)):
-            raise _bad(path, tp, value, source)
-        return [_coerce(v, args[0], f"{path}[{i}]", source) for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise _bad(path, tp, value, source)
-    if tp in (int, float):
-        if isinstance(value, (int,) if tp is int else (int, float)) and not isinstance(value, bool):
-            return tp(value)
-        if isinstance(value, str):  # from the command line; YAML 1.1 also reads 3e-5 as a string
-            try:
-                return tp(value.strip())
-            except ValueError:
-                pass
-        raise _bad(path, tp, value, source)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _bad(path, tp, value, source)
-    raise TypeError(f"config schema: unsupported type {tp!r} at {path}")  # a bug in the schema, not user input
-
-
-def _check_layer(raw: Any, cls: type, prefix: str, source: str) -> dict[str, Any]:
-    """Validate one layer (a YAML file or the overrides) against the schema; return it with values coerced."""
-    if not isinstance(raw, dict):
-        where = prefix.rstrip(".") or "the top level"
-        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r} ({source})")
-    fields = _fields(cls)
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        path = f"{prefix}{key}"
-        if key not in fields:
-            while isinstance(value, dict) and len(value) == 1:  # otpim: {lr: ..} is reported as otpim.lr
-                key, value = next(iter(value.items()))
-                path = f"{path}.{key}"
-            raise _unknown_key(path, source)
-        tp, _ = fields[key]
-        if dataclasses.is_dataclass(tp):
-            value = {} if value is None else value
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path} is a section: set its keys, e.g. {path}.{next(iter(_fields(tp)))}=... "
-                                  f"({source})")
-            out[key] = _check_layer(value, tp, f"{path}.", source)
-        else:
-            out[key] = _check_range(_coerce(value, tp, path, source), fields[key][1], path, source)
-    return out
-
-
-_BOUNDS = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
-           "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
-
-
-def _check_range(value: Any, f: dataclasses.Field, path: str, source: str) -> Any:
-    """The ge/gt/le/lt bounds declared on the field."""
-    if value is not None:
-        for check, (ok, symbol) in _BOUNDS.items():
-            if check in f.metadata and not ok(value, f.metadata[check]):
-                raise ConfigError(f"{path}: must be {symbol} {f.metadata[check]}, got {value!r} ({source})")
-    return value
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _build(cls: type, values: dict[str, Any]) -> Any:
-    kwargs = {}
-    for name, (tp, _) in _fields(cls).items():
-        if name in values:
-            kwargs[name] = _build(tp, values[name]) if dataclasses.is_dataclass(tp) else values[name]
-    return cls(**kwargs)
+INHERIT_KEYS = ("base", "defaults")  # a YAML file may name the file(s) it extends under either key
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -403,8 +235,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         for base in [bases] if isinstance(bases, str) else bases:
             if not isinstance(base, str):
                 raise ConfigError(f"{path}: {key}: expected a file name or a list of file names, got {base!r}")
-            merged = _merge(merged, _read_yaml(path.parent / base, (*chain, path)))
-    return _merge(merged, _check_layer(raw, Config, "", f"in {path}"))
+            merged = merge(merged, _read_yaml(path.parent / base, (*chain, path)))
+    return merge(merged, check_layer(raw, Config, "", f"in {path}"))
 
 
 def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, Any]:
@@ -418,7 +250,7 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, Any]:
         nested: Any = value
         for part in reversed(key.split(".")):
             nested = {part: nested}
-        merged = _merge(merged, _check_layer(nested, Config, "", f"command-line override {item}"))
+        merged = merge(merged, check_layer(nested, Config, "", f"command-line override {item}"))
     return merged
 
 
@@ -436,10 +268,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     values: dict[str, Any] = {}
     if path is not None:
         values = _read_yaml(Path(path), ())
-    values = _merge(values, parse_overrides(overrides))
+    values = merge(values, parse_overrides(overrides))
     cfg = _resolved(values)
     if derive is not None and (extra := derive(cfg)):
-        cfg = _resolved(_merge(values, parse_overrides(extra)))
+        cfg = _resolved(merge(values, parse_overrides(extra)))
     if examples:
         from dtrain.data.examples import example_or_path  # lazily: only a run fetches (a leaf module, no cycle)
 
@@ -449,7 +281,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
 
 
 def _resolved(values: dict[str, Any]) -> Config:
-    cfg = _build(Config, values)
+    cfg = build(Config, values)
     validate(cfg)
     if not cfg.debug:
         return cfg
@@ -506,7 +338,9 @@ def describe_keys(markdown: bool = False) -> str:
         value: Any = defaults
         for part in path.split("."):
             value = value[part]
-        rows.append((path, type_name(tp), json.dumps(value), f.metadata.get("help", "")))
+        kind = type_name(tp) if "choices" not in f.metadata else \
+            "one of " + ", ".join(map(repr, f.metadata["choices"]())) + (" or null" if value is None else "")
+        rows.append((path, kind, json.dumps(value), f.metadata.get("help", "")))
     if markdown:
         lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
         return "\n".join(lines + [f"| `{p}` | {t} | `{d}` | {h} |" for p, t, d, h in rows])

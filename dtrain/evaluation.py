@@ -1,19 +1,83 @@
-"""Fine-tuning evaluation: run the model over a whole dataset (every rank its share), gather the per-sample outputs
-on every rank in dataset order, and turn them into the task's metrics (`scalars` drive early stopping, the full
-report adds per-class tables and the confusion matrix). The task (head.task) makes the records and the report."""
+"""The one evaluation loop (`forward_pass`) and fine-tuning evaluation (`Evaluator`).
+
+`forward_pass` runs a forward function over every batch of a stream (every rank its share), sums each loss term and
+its target count, keeps the per-sample records the caller makes of the outputs, and combines every rank's sums and
+records (in dataset order). Its users: pretraining's held-out losses (`evaluate_terms`), fine-tuning evaluation
+during a run and in `dtrain evaluate` (`Evaluator.collect`), and `dtrain predict` (predict.py, over its
+length-sorted batches of new text). The caller puts the engine in evaluation mode (`Engine.evaluating`, or the
+one-process `LocalEngine`, which runs under inference_mode).
+
+The Evaluator turns the records into the task's metrics (`scalars` drive early stopping; the full report adds
+per-class tables and the confusion matrix); the task (head.task) makes the records and the report.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from dtrain.data.shards import ShardedDataset
-from dtrain.distributed import all_reduce_sum
 from dtrain.tasks import Head
 
 Record = tuple  # (dataset index, task-specific arrays ...)
+Batch = dict[str, Any]
+
+
+@dataclass
+class Totals:
+    """What one pass over a stream adds up to, over all ranks: each loss term's sum and target count, the records."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+    records: list[Record] = field(default_factory=list)
+
+    def means(self) -> dict[str, float]:
+        """Each term's mean over its targets (`<term>_loss`), and their sum as `loss`."""
+        out = {f"{k}_loss": v / max(self.counts.get(k, 0.0), 1.0) for k, v in self.sums.items()}
+        return {**out, "loss": sum(out.values())} if out else {}
+
+    def mean(self) -> float:
+        """All terms together over all targets (fine-tuning's single loss)."""
+        return sum(self.sums.values()) / max(sum(self.counts.values()), 1.0)
+
+
+def forward_pass(engine: Any, batches: Iterable[Batch], fn: Callable[[torch.nn.Module, Batch], dict],
+                 counts: Callable[[Batch], dict] | None = None,
+                 records: Callable[[torch.Tensor, Batch], list[Record]] | None = None) -> Totals:
+    """fn(model, batch) → {"logits": ... (optional), <term>: loss sum, ...} on every batch, through `engine` (an
+    Engine or LocalEngine: device placement, precision); `counts(batch)` → {<term>: targets}; `records(logits,
+    batch)` → this batch's per-sample records. Every rank calls it; every rank gets the totals of all."""
+    totals = Totals()
+    for batch in batches:
+        out = engine.forward(fn, batch)
+        for k, v in out.items():
+            if k != "logits":
+                totals.sums[k] = totals.sums.get(k, 0.0) + float(v)
+        for k, v in (counts(batch) if counts else {}).items():
+            totals.counts[k] = totals.counts.get(k, 0.0) + float(v)
+        if records is not None:
+            totals.records.extend(records(out["logits"], batch))
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        parts: list[Any] = [None] * torch.distributed.get_world_size()
+        # one object gather: also right when a rank's share was empty (it knows no term names)
+        torch.distributed.all_gather_object(parts, (totals.sums, totals.counts, totals.records))
+        totals = Totals()
+        for sums, n, recs in parts:
+            for k, v in sums.items():
+                totals.sums[k] = totals.sums.get(k, 0.0) + v
+            for k, v in n.items():
+                totals.counts[k] = totals.counts.get(k, 0.0) + v
+            totals.records.extend(recs)
+    totals.records.sort(key=lambda r: r[0])
+    return totals
+
+
+def evaluate_terms(engine: Any, loader: Iterable[Batch], objective: Any) -> dict[str, float]:
+    """Mean of every loss term of `objective` (losses, counts) over a whole evaluation stream, and their sum."""
+    return forward_pass(engine, loader, objective.losses, objective.counts).means()
 
 
 class Evaluator:
@@ -24,35 +88,18 @@ class Evaluator:
         self.head, self.task, self.labels, self.data = head, head.task, list(labels), data  # task: a Task
         self.threshold, self.n_best, self.max_answer_length = threshold, n_best, max_answer_length
 
-    # -- running the model ---------------------------------------------------------------------------------------
-
-    def _records(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[Record]:
+    def _records(self, logits: torch.Tensor, batch: Batch) -> list[Record]:
         keep = (~batch["pad"]).nonzero().flatten().tolist()
         return self.task.records(logits.detach().cpu().numpy(), batch, keep)
 
-    def collect(self, engine: Any, loader: Any) -> tuple[float, list[Record]]:
+    def _forward(self, model: torch.nn.Module, batch: Batch) -> dict:
+        logits = self.head.forward(model, batch)
+        return {"logits": logits, **self.head.loss_terms(logits, batch)}
+
+    def collect(self, engine: Any, loader: Iterable[Batch]) -> tuple[float, list[Record]]:
         """(mean loss over all ranks, every rank's records in dataset order)."""
-        head = self.head
-
-        def fn(model: torch.nn.Module, batch: dict) -> dict:
-            logits = head.forward(model, batch)
-            return {"logits": logits, **head.loss_terms(logits, batch)}
-
-        total, count, records = 0.0, 0.0, []
-        for batch in loader:
-            out = engine.forward(fn, batch)
-            total += float(sum(v for k, v in out.items() if k != "logits"))
-            count += float(sum(head.counts(batch).values()))
-            records.extend(self._records(out["logits"], batch))
-        sums = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=engine.device)).cpu()
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            parts: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, records)
-            records = [r for part in parts for r in part]
-        records.sort(key=lambda r: r[0])
-        return float(sums[0] / max(float(sums[1]), 1.0)), records
-
-    # -- metrics ------------------------------------------------------------------------------------------------
+        totals = forward_pass(engine, loader, self._forward, self.head.counts, self._records)
+        return totals.mean(), totals.records
 
     def report(self, loss: float, records: list[Record]) -> dict[str, Any]:
         """Every metric of the task, JSON-serialisable: scalars plus per-class/per-type tables where they apply."""
@@ -60,7 +107,7 @@ class Evaluator:
             return {"loss": loss}
         return {"loss": loss, **self.task.report(records, self)}
 
-    def scalars(self, engine: Any, loader: Any) -> dict[str, float]:
+    def scalars(self, engine: Any, loader: Iterable[Batch]) -> dict[str, float]:
         """The report's scalar metrics (what the loop logs and early stopping reads)."""
         return scalar_metrics(self.report(*self.collect(engine, loader)))
 

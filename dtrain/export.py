@@ -1,22 +1,32 @@
-"""`dtrain export RUN_DIR[/checkpoints/step-N] OUT_DIR`: a checkpoint (DDP or DeepSpeed ZeRO 0–3) → a Hugging Face
-model dir with its tokenizer, loadable by AutoModelFor*.from_pretrained and pipeline()."""
+"""The one writer of Hugging Face model dirs (config, safetensors, tokenizer; loadable by AutoModelFor*.from_pretrained
+and pipeline()), from either source:
+
+- `export_live`: the live engine at the end of a run (`<run_dir>/export`; every rank takes part, ZeRO-3 gathers);
+- `export`: a checkpoint on disk (`dtrain export RUN_DIR[/checkpoints/step-N] OUT_DIR`, DDP or DeepSpeed ZeRO 0–3).
+
+Both read fp32 weights (`checkpoint_weights` / `Engine.full_state_dict`: one ZeRO path, engine.deepspeed.fp32_weights)
+and write them through `_write` (a PEFT model merged into a plain HF model, the dtype recorded as float32).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from dtrain.checkpoint import TRAINER_FILE, latest_checkpoint
 from dtrain.config import load_config
-from dtrain.data.shards import atomic_output_dir
+from dtrain.distributed import DistEnv, barrier
+from dtrain.engine.base import Engine
 from dtrain.engine.ddp import STATE_FILE
-from dtrain.engine.deepspeed import TAG, written_world_size
+from dtrain.engine.deepspeed import TAG, fp32_weights
 from dtrain.errors import DtrainError
-from dtrain.files import EXPORT, check_output
+from dtrain.files import EXPORT, atomic_output_dir, check_output
 from dtrain.model.bert import pretraining_model, quiet_transformers
 from dtrain.model.peft import base_hf_model, is_peft
-from dtrain.runner import tokenizer_for
+from dtrain.model.tokenizer import tokenizer_for
 from dtrain.tasks import LabelMap, apply_peft, task_model
 
 
@@ -25,20 +35,39 @@ def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     if (ckpt / STATE_FILE).is_file():
         return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)["model"]
     if (ckpt / TAG).is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # ZeRO stage 0 has no per-rank optimizer partitions and keeps plain module states (DeepSpeed 0.19's
-        # zero_to_fp32 fails on it with a TypeError)
-        if written_world_size(ckpt / TAG) is None:
-            files = sorted((ckpt / TAG).glob("mp_rank_*_model_states.pt"))
-            state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-        else:
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG)
-        return {k.removeprefix("model."): v.float() for k, v in state.items()}
+        return fp32_weights(ckpt)
     raise DtrainError(f"{ckpt}: neither {STATE_FILE} (DDP) nor {TAG}/ (DeepSpeed) in it; pass a dtrain checkpoint")
 
 
+def _write(model: torch.nn.Module, state: dict[str, torch.Tensor] | None, tokenizer: Any, tmp: Path) -> None:
+    """`model` with `state` (None: its own weights) as an HF dir in `tmp`."""
+    with quiet_transformers():
+        if is_peft(model):  # LoRA merged into a plain HF model (prompt tuning: a peft adapter dir, see peft.py)
+            base_hf_model(model, state).save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    # save_pretrained records the module's dtype (16-bit under DeepSpeed bf16/fp16); the weights are fp32
+    if (tmp / "config.json").is_file():  # (a prompt-tuning export is a peft adapter dir without one)
+        config = json.loads((tmp / "config.json").read_text())
+        config.update({k: "float32" for k in ("dtype", "torch_dtype") if k in config})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def export_live(engine: Engine, model: torch.nn.Module, tokenizer: Any, out: Path, env: DistEnv,
+                checkpoint: Path | None = None) -> None:
+    """The run's own export from the engine's consolidated weights (all ranks call it; rank 0 writes). `checkpoint`:
+    the checkpoint just saved of this state (the fp32 master weights under DeepSpeed bf16/fp16)."""
+    state = engine.full_state_dict(checkpoint)
+    if env.is_main:
+        with atomic_output_dir(out, overwrite=True) as tmp:  # the run's own export: replaced whole when complete
+            _write(model, state, tokenizer, tmp)
+    barrier()
+
+
 def export(source: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """A checkpoint (or a run dir's latest one) → an HF dir at `out`; returns the checkpoint exported."""
     source = Path(source)
     ckpt = source if (source / TRAINER_FILE).is_file() else latest_checkpoint(source / "checkpoints")
     if ckpt is None:
@@ -59,9 +88,6 @@ def export(source: str | Path, out: str | Path, overwrite: bool = False) -> Path
     except RuntimeError as e:
         raise DtrainError(f"{ckpt}: the weights do not fit {cfg.model.name_or_path} "
                           f"({str(e).splitlines()[0][:200]})") from None
-    if is_peft(model):
-        model = base_hf_model(model)
-    with atomic_output_dir(out, overwrite, kind=EXPORT, flag="OUT") as tmp, quiet_transformers():
-        model.save_pretrained(tmp)
-        tokenizer_for(cfg).save_pretrained(tmp)
+    with atomic_output_dir(out, overwrite, kind=EXPORT, flag="OUT") as tmp:
+        _write(model, None, tokenizer_for(cfg), tmp)
     return ckpt

@@ -12,13 +12,15 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from dtrain.errors import DtrainError
+from dtrain.locks import output_lock
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -97,16 +99,32 @@ def output_kind(path: Path) -> str | None:
     if not path.is_file():
         return None
     report = _json(path)
-    if isinstance(report, dict) and isinstance(report.get("model"), str) and isinstance(report.get("data"), str):
+    if isinstance(report, dict) and isinstance(report.get("model"), str) and isinstance(report.get("data"), str) \
+            and _number(report.get("loss")):  # every report has the evaluation's loss
         return REPORT
     try:
         with open(path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError):
         return None
-    if rows and all(isinstance(r, dict) and any(fields <= r.keys() for fields in _PREDICTION_FIELDS) for r in rows):
+    if rows and all(isinstance(r, dict) and _prediction(r) for r in rows):
         return PREDICTIONS
     return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _prediction(row: dict) -> bool:
+    """The row carries one task's prediction fields, with the types `dtrain predict` writes."""
+    fits = [fields for fields in _PREDICTION_FIELDS if fields <= row.keys()]
+    if not fits:
+        return False
+    typed = {"score": _number, "start": lambda v: isinstance(v, int), "end": lambda v: isinstance(v, int),
+             "probabilities": lambda v: isinstance(v, dict), "labels": lambda v: isinstance(v, list),
+             "entities": lambda v: isinstance(v, list)}
+    return any(all(typed.get(k, lambda v: True)(row[k]) for k in fields) for fields in fits)
 
 
 def _what(path: Path) -> str:
@@ -139,6 +157,27 @@ def check_apart(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.Pat
                         f"command's inputs")
 
 
+def place_problem(path: Path, label: str, what: str, elsewhere: str, writable: str) -> str | None:
+    """Why `path` (named `label`; `what`: how the message calls it) cannot be made where it is, or None: it lies
+    under a file (`elsewhere`: the fix), or nothing can be created in the folder it would go in (`writable`: the
+    fix; /proc, /sys, a read-only mount, no permission: found by a probe file that is removed again). A path that
+    exists is checked as it is (a directory must take new files)."""
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder != path and not folder.is_dir():
+        return f"{label}: {folder} is a file, so {what} cannot be created under it; {elsewhere}"
+    if not folder.is_dir():
+        return None  # an existing file: what may replace it is the caller's question
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".dtrain-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"{label}: cannot create files in {folder} ({e.strerror}); {writable}"
+    return None
+
+
 def check_output(out: str | os.PathLike, kind: str, inputs: Iterable[tuple[str, str | os.PathLike | None]],
                  overwrite: bool, flag: str, error: type[DtrainError] = DtrainError) -> None:
     """Refuse (`error`, a DtrainError: one line naming the path and the fix; nothing touched) an output path that
@@ -155,20 +194,11 @@ def check_output(out: str | os.PathLike, kind: str, inputs: Iterable[tuple[str, 
     """
     path, real = Path(out), _real(out)
     check_apart(out, inputs, f"{flag} {out}", error)
-    folder = real
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if folder != real and not folder.is_dir():
-        raise error(f"{flag} {out}: {folder} is a file, so {out} cannot be created under it; choose another "
-                          f"path")
     if not os.path.lexists(path) and not real.exists():
-        try:  # a probe that is removed again: /proc, /sys, a read-only mount, no permission
-            fd, probe = tempfile.mkstemp(dir=folder, prefix=".dtrain-write-check-")
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as e:
-            raise error(f"{flag} {out}: cannot create files in {folder} ({e.strerror}); choose a path in a "
-                              f"folder you can write") from None
+        problem = place_problem(real, f"{flag} {out}", str(out), "choose another path",
+                                "choose a path in a folder you can write")
+        if problem:
+            raise error(problem)
         return
     is_dir_kind = kind in _DIR_KINDS
     if is_dir_kind and not real.is_dir():
@@ -259,3 +289,51 @@ def disk_full_message(out: Path, flag: str) -> str:
     free = shutil.disk_usage(folder).free
     return (f"{flag} {out}: the disk filled up while writing it ({free / 2**20:.1f} MiB free in {folder}); free "
             f"space or choose another output on a larger disk (nothing was replaced; the partial output was removed)")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, kind: str | None = None,
+                      flag: str = "--out", error: type[DtrainError] = DtrainError) -> Iterator[Path]:
+    """Yield a temporary sibling directory that becomes `out` only if the block finishes.
+
+    An existing non-empty `out` is refused unless `overwrite`; then it is replaced only after the new one is complete,
+    so an interrupted or failed run leaves the earlier dataset as it was and nothing that looks like a dataset.
+    With `kind` (a user's command: DATASET or EXPORT) the output is locked while it is built (a second
+    dtrain writing it is refused), checked again under the lock (`check_output`: --overwrite replaces only an
+    earlier output of that kind), and what a killed writer left beside it is removed first. The files get the modes
+    the umask gives; a disk that fills up is one line (`error`).
+    """
+    out = Path(out)
+    with contextlib.ExitStack() as stack:
+        if kind is not None:
+            stack.enter_context(output_lock(out, flag))
+            check_output(out, kind, (), overwrite, flag, error)
+            remove_leftovers(out, flag)
+        elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            raise error(f"{out} already exists and is not empty; choose another output dir or pass --overwrite")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        except OSError as e:
+            raise error(f"{flag} {out}: cannot be created ({e.strerror}); choose a path in a folder you can "
+                             f"write") from None
+        try:
+            yield tmp
+            normalise_modes(tmp)
+            empty = out.is_dir() and not any(out.iterdir())  # an empty dir holds nothing to lose: renamed over
+            if out.exists() and not empty:
+                if not overwrite:  # made by someone else while this one was built: never replaced unasked
+                    raise error(f"{out} appeared while this output was being written; choose another output "
+                                     f"dir or pass --overwrite")
+                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+                os.replace(out, old / "old")
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            raise error(disk_full_message(out, flag)) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -4,20 +4,19 @@ prepared labelled set, in one process (CPU or one GPU), batched in length order.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dtrain.data.prepare import load_tokenizer
 from dtrain.data.rows import JSONL_SUFFIXES, TABLE_SUFFIXES, iter_table_rows, read_text
 from dtrain.data.shards import ShardedDataset, tokenizer_fingerprint
 from dtrain.data.stream import StreamingDataset, StreamLoader
-from dtrain.engine.base import to_device
+from dtrain.engine.local import LocalEngine
 from dtrain.errors import DtrainError
-from dtrain.evaluation import Evaluator, scalar_metrics
+from dtrain.evaluation import Evaluator, forward_pass, scalar_metrics
 from dtrain.files import (
     PREDICTIONS,
     REPORT,
@@ -31,20 +30,8 @@ from dtrain.locks import output_lock
 from dtrain.metrics import format_report
 from dtrain.model.bert import quiet_transformers
 from dtrain.model.heads import export_dir_of
+from dtrain.model.tokenizer import load_tokenizer
 from dtrain.tasks import TASKS, FinetuneCollator, Head, LabelMap, get_task, task_of_model
-
-
-class LocalEngine:
-    """The slice of the Engine interface evaluation needs, for one process without an optimizer."""
-
-    def __init__(self, model: torch.nn.Module, device: str | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device).eval()
-
-    def forward(self, fn: Callable, batch: dict) -> Any:
-        batch = to_device(batch, self.device, non_blocking=False)
-        with torch.inference_mode():
-            return fn(self.model, batch)
 
 
 def load_finetuned(path: str | Path) -> tuple[torch.nn.Module, Any, str, list[str]]:
@@ -81,35 +68,44 @@ def read_inputs(path: Path, fields: list[str]) -> list[dict[str, Any]]:
     return [row for _, row in iter_table_rows(path, fields)]
 
 
-def _batches(n: int, lengths: list[int], size: int) -> Iterator[list[int]]:
-    order = np.argsort(lengths, kind="stable")  # similar lengths together: little padding
-    for i in range(0, n, size):
-        yield order[i:i + size].tolist()
-
-
-def predict_rows(model: torch.nn.Module, tok: Any, task: str, labels: list[str], rows: list[dict[str, Any]],
-                 fields: dict[str, str | None], max_seq_len: int = 512, batch_size: int = 32, threshold: float = 0.5,
-                 doc_stride: int = 128, max_answer_length: int = 30, device: str | None = None) -> list[dict]:
-    """One prediction dict per input row, in input order."""
-    engine = LocalEngine(model, device)
-    kind = get_task(task)
-    enc = kind.predict_encode(tok, rows, fields, max_seq_len, doc_stride)
+def _batches(enc: dict[str, list], size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches of the encoded rows in length order (similar lengths together: little padding); "row": each
+    sample's index in `enc`."""
     ids = enc["input_ids"]
-    outputs: list[np.ndarray] = [np.empty(0)] * len(ids)
-    head = Head(kind)
-    for chosen in _batches(len(ids), [len(x) for x in ids], batch_size):
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    for start in range(0, len(ids), size):
+        chosen = order[start:start + size].tolist()
         width = max(len(ids[i]) for i in chosen)
         batch = {"input_ids": torch.zeros(len(chosen), width, dtype=torch.long),
                  "attention_mask": torch.zeros(len(chosen), width, dtype=torch.long),
-                 "token_type_ids": torch.zeros(len(chosen), width, dtype=torch.long)}
+                 "token_type_ids": torch.zeros(len(chosen), width, dtype=torch.long),
+                 "row": torch.tensor(chosen, dtype=torch.long)}
         for j, i in enumerate(chosen):
             n = len(ids[i])
             batch["input_ids"][j, :n] = torch.tensor(ids[i])
             batch["attention_mask"][j, :n] = 1
             batch["token_type_ids"][j, :n] = torch.tensor(enc["token_type_ids"][i])
-        logits = engine.forward(head.forward, batch).cpu().numpy()
-        for j, i in enumerate(chosen):
-            outputs[i] = kind.output_of(logits[j], len(ids[i]))
+        yield batch
+
+
+def predict_rows(model: torch.nn.Module, tok: Any, task: str, labels: list[str], rows: list[dict[str, Any]],
+                 fields: dict[str, str | None], max_seq_len: int = 512, batch_size: int = 32, threshold: float = 0.5,
+                 doc_stride: int = 128, max_answer_length: int = 30, device: str | None = None) -> list[dict]:
+    """One prediction dict per input row, in input order (the evaluation loop over length-sorted batches)."""
+    kind = get_task(task)
+    enc = kind.predict_encode(tok, rows, fields, max_seq_len, doc_stride)
+    head = Head(kind)
+
+    def forward(model: torch.nn.Module, batch: dict) -> dict:
+        return {"logits": head.forward(model, batch)}
+
+    def records(logits: torch.Tensor, batch: dict) -> list[tuple]:
+        width = batch["attention_mask"].sum(1).tolist()
+        return [(i, kind.output_of(row, n)) for i, row, n in
+                zip(batch["row"].tolist(), logits.cpu().numpy(), width, strict=True)]
+
+    totals = forward_pass(LocalEngine(model, device), _batches(enc, batch_size), forward, records=records)
+    outputs = [output for _, output in totals.records]
     return kind.decode(outputs, enc, rows, fields, labels, threshold, max_answer_length)
 
 

@@ -14,11 +14,12 @@ from dtrain.config import Config
 from dtrain.data.pretraining import PretrainingCollator
 from dtrain.data.shards import ShardedDataset
 from dtrain.distributed import DistEnv
+from dtrain.evaluation import evaluate_terms
 from dtrain.logging import training_flops_per_token
 from dtrain.model.bert import fresh_summary, pretraining_counts, pretraining_losses, pretraining_model
 from dtrain.model.bounds import check_pretrain_lengths
 from dtrain.model.source import origin_line
-from dtrain.trainer import Objective, Trainer, evaluate_terms
+from dtrain.trainer import Objective, Trainer
 
 
 def describe(cfg: Config, env: DistEnv, tokenizer: Any, data: dict[str, ShardedDataset]) -> runner.Run:

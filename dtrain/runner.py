@@ -11,7 +11,6 @@ import os
 import random
 import socket
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ import torch
 
 from dtrain.checkpoint import Checkpointer
 from dtrain.config import Config, load_config, save_run_config
-from dtrain.data.examples import example_or_path
 from dtrain.data.shards import ShardedDataset, tokenizer_fingerprint
 from dtrain.data.stream import StreamingDataset, StreamLoader
 from dtrain.distributed import (
@@ -35,10 +33,11 @@ from dtrain.distributed import (
 )
 from dtrain.engine import build_engine
 from dtrain.errors import DtrainError
-from dtrain.files import check_apart, write_atomic
+from dtrain.files import check_apart, place_problem, write_atomic
 from dtrain.locks import lock_run_dir
 from dtrain.logging import RunLogger, peak_flops
-from dtrain.model.source import origin, origin_line, preset_of
+from dtrain.model.source import origin, origin_line
+from dtrain.model.tokenizer import tokenizer_for
 from dtrain.trainer import Objective, Plan, Trainer, TrainerSections
 
 _TIMEOUT = [0]  # parallel.timeout_s of this run, for the one-line error when a collective times out
@@ -87,36 +86,8 @@ def run_dir_problem(cfg: Config) -> str | None:
         return str(e)
     if path.exists() and not path.is_dir():
         return f"run_dir={path} is a file, not a folder; point run_dir at a new folder or an earlier run's folder"
-    folder = path
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        return f"run_dir={path}: {folder} is a file, so the run dir cannot be created under it; point run_dir " \
-               f"elsewhere"
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".dtrain-write-check-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        return f"run_dir={path}: cannot create files in {folder} ({e.strerror}); point run_dir at a folder you " \
-               f"can write"
-    return None
-
-
-def tokenizer_for(cfg: Config) -> Any:
-    from dtrain.data.prepare import load_tokenizer
-
-    name = cfg.model.tokenizer
-    if name is None:
-        preset = preset_of(cfg.model.name_or_path)
-        if preset:
-            if "uncased" not in preset and preset != "tiny":
-                raise DtrainError(f"model.tokenizer: the preset {preset} has a cased vocabulary and no tokenizer "
-                                  f"ships for it; set model.tokenizer to a cased tokenizer dir")
-            name = "minilm"  # the uncased BERT WordPiece vocabulary (30,522), as the presets
-        else:
-            name = cfg.model.name_or_path  # a checkpoint dir or Hub id brings its own tokenizer
-    return load_tokenizer(example_or_path(name), "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
+    return place_problem(path, f"run_dir={path}", "the run dir", "point run_dir elsewhere",
+                         "point run_dir at a folder you can write")
 
 
 def open_data(cfg: Config, path: str | None, key: str, tokenizer: Any) -> ShardedDataset:
@@ -249,7 +220,10 @@ class _Run:
 
     def fail(self, reason: str) -> None:
         if self.state == "running" and self.cfg is not None and self.env is not None and self.trainer is not None:
-            latest = self.trainer.checkpointer.latest()
+            try:
+                latest = self.trainer.checkpointer.latest()
+            except OSError:  # the way out of a failing disk: the status still says failed, without a checkpoint
+                latest = None
             write_status(self.cfg, self.env, "failed", self.trainer, reason=reason,
                          checkpoint=str(latest) if latest else None,
                          checkpoint_step=int(latest.name.removeprefix("step-")) if latest else None)

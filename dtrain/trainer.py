@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dtrain.checkpoint import RNG, Checkpointer, export_hf
+from dtrain.checkpoint import RNG, Checkpointer
 from dtrain.config import (
     CheckpointConfig,
     Config,
@@ -26,6 +26,7 @@ from dtrain.config import (
 from dtrain.distributed import DistEnv, all_reduce_sum, any_rank, stop_requested
 from dtrain.engine.base import Engine, NonFiniteError
 from dtrain.errors import DtrainError
+from dtrain.export import export_live
 from dtrain.logging import RunLogger
 
 Batch = dict[str, torch.Tensor]
@@ -228,7 +229,7 @@ class Trainer:
                              f"the best trained one, step {self.model_step} ({self.metric}={self.state.best:.6g})")
         if self.sections.checkpoint.export:
             export_dir = self.checkpointer.run_dir / "export"
-            export_hf(self.engine, self.engine.model, self.plan.tokenizer, export_dir, self.env, final)
+            export_live(self.engine, self.engine.model, self.plan.tokenizer, export_dir, self.env, final)
             self.logger.info(f"exported the model to {export_dir}")
         return self.state
 
@@ -295,24 +296,3 @@ class Trainer:
             self.logger.info(f"early stopping: {self.metric} has not improved for {self.patience} evaluations")
             return True
         return False
-
-
-def evaluate_terms(engine: Engine, loader: Any, objective: Objective) -> dict[str, float]:
-    """Mean of every loss term over a whole evaluation stream (all ranks), and their sum as `loss`."""
-    names: list[str] | None = None
-    sums = counts = None
-    for batch in loader:
-        terms = engine.forward(objective.losses, batch)
-        n = objective.counts(batch)
-        if names is None:
-            names = list(terms)
-            sums = torch.zeros(len(names), dtype=torch.float64)
-            counts = torch.zeros(len(names), dtype=torch.float64)
-        sums += torch.tensor([float(terms[k]) for k in names], dtype=torch.float64)
-        counts += torch.tensor([float(n[k]) for k in names], dtype=torch.float64)
-    if names is None:
-        return {}
-    total = all_reduce_sum(torch.cat([sums, counts]).to(engine.device)).cpu()
-    out = {f"{k}_loss": float(total[i] / max(float(total[len(names) + i]), 1.0)) for i, k in enumerate(names)}
-    out["loss"] = sum(out.values())
-    return out

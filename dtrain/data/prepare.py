@@ -25,45 +25,15 @@ import numpy as np
 import pyarrow as pa
 
 from dtrain.data.rows import JSONL_SUFFIXES, input_files, jsonl_rows, read_text
-from dtrain.data.shards import ShardError, ShardWriter, atomic_output_dir, tokenizer_fingerprint
-from dtrain.files import DATASET, check_output
+from dtrain.data.shards import ShardError, ShardWriter, tokenizer_fingerprint
+from dtrain.files import DATASET, atomic_output_dir, check_output
 from dtrain.model.bounds import MIN_SEQ_LEN, check_prepare_len, check_workers
+from dtrain.model.tokenizer import load_tokenizer
 
 PRETRAIN_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("sentence_ends", pa.list_(pa.int32())),
                              ("doc", pa.int64()), ("length", pa.int32())])
 TEXT_SUFFIXES = {".txt", ".text"}
 DOCS_PER_TASK = 32
-
-
-def load_tokenizer(name_or_path: str | os.PathLike, key: str = "tokenizer") -> Any:
-    """A fast HF tokenizer from a local dir, or of a Hugging Face Hub id (from the HF cache, or the Hub when
-    reachable). Refused: a dir without tokenizer files, and a tokenizer without BERT's special tokens. `key`: what
-    the user set (a run's model.tokenizer, or model.name_or_path when the checkpoint brings its tokenizer)."""
-    from transformers import AutoTokenizer
-
-    from dtrain.model.source import TOKENIZER_FILES, local_dir, tokenizer_files_missing
-
-    path = Path(name_or_path)
-    if not path.is_dir():
-        if path.exists() or not str(name_or_path).strip():
-            raise ShardError(f"tokenizer {name_or_path}: not a local directory with tokenizer files; pass the model "
-                             f"checkpoint dir (e.g. the minilm example from `dtrain fetch-examples`)")
-        path = local_dir(str(name_or_path), key)
-    if tokenizer_files_missing(path):
-        raise ShardError(f"tokenizer {path}: no tokenizer files in the dir (none of {', '.join(TOKENIZER_FILES[:3])} "
-                         f"...), so every word would be [UNK]; pass the dir of a checkpoint that includes its "
-                         f"tokenizer (e.g. the minilm example from `dtrain fetch-examples`)")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ShardError(f"tokenizer {path}: cannot be loaded ({str(e).splitlines()[0]})") from None
-    if not tok.is_fast:
-        raise ShardError(f"tokenizer {path}: dtrain needs a fast (Rust) tokenizer; add tokenizer.json to the dir")
-    lacking = [t for t in ("cls", "sep", "mask", "pad") if getattr(tok, f"{t}_token_id", None) is None]
-    if lacking:
-        raise ShardError(f"tokenizer {path}: no {', '.join(f'[{t.upper()}]' for t in lacking)} token, so not a BERT "
-                         f"tokenizer (dtrain trains BERT models); pass the tokenizer of a BERT checkpoint")
-    return tok
 
 
 def tokenizer_meta(tok: Any, name: str) -> dict[str, Any]:
@@ -245,7 +215,7 @@ def prepare_pretrain(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
     docs = iter_documents(inputs, text_field, doc_split)
     fn = partial(_pretrain_task, max_tokens=max_seq_len - 3, short_seq_prob=short_seq_prob, seed=seed)
     totals = {"documents": 0, "sentences": 0, "tokens": 0}
-    with atomic_output_dir(out, overwrite, kind=DATASET) as tmp:
+    with atomic_output_dir(out, overwrite, kind=DATASET, error=ShardError) as tmp:
         writer = ShardWriter(tmp, PRETRAIN_SCHEMA, shard_bytes)
         with _progress("prepare pretrain", "doc") as bar:
             for result in run_parallel(fn, _batches(docs, DOCS_PER_TASK), workers, tokenizer):
@@ -287,7 +257,7 @@ def write_finetune(encoded: list[tuple], out: str | os.PathLike, tokenizer: str,
     check_prepare_len(max_seq_len, tok, tokenizer, tok.name_or_path)
     fn = partial(_finetune_task, task=task, max_seq_len=max_seq_len, doc_stride=doc_stride)
     truncated = tokens = 0
-    with atomic_output_dir(out, overwrite, kind=DATASET) as tmp:
+    with atomic_output_dir(out, overwrite, kind=DATASET, error=ShardError) as tmp:
         writer = ShardWriter(tmp, task.schema(), shard_bytes)
         with _progress("prepare finetune", "row") as bar:
             for cols in run_parallel(fn, _batches(encoded, ROWS_PER_TASK), workers or min(os.cpu_count() or 1, 8),

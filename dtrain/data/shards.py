@@ -12,17 +12,14 @@ import bisect
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from dtrain import files, locks
+from dtrain import files
 from dtrain.errors import DtrainError
 
 FORMAT = "dtrain-shards"
@@ -50,52 +47,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, kind: str | None = None,
-                      flag: str = "--out") -> Iterator[Path]:
-    """Yield a temporary sibling directory that becomes `out` only if the block finishes.
-
-    An existing non-empty `out` is refused unless `overwrite`; then it is replaced only after the new one is complete,
-    so an interrupted or failed run leaves the earlier dataset as it was and nothing that looks like a dataset.
-    With `kind` (a user's command: files.DATASET or files.EXPORT) the output is locked while it is built (a second
-    dtrain writing it is refused), checked again under the lock (`files.check_output`: --overwrite replaces only an
-    earlier output of that kind), and what a killed writer left beside it is removed first. The files get the modes
-    the umask gives; a disk that fills up is one line (ShardError).
-    """
-    out = Path(out)
-    with ExitStack() as stack:
-        if kind is not None:
-            stack.enter_context(locks.output_lock(out, flag))
-            files.check_output(out, kind, (), overwrite, flag, ShardError)
-            files.remove_leftovers(out, flag)
-        elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-            raise ShardError(f"{out} already exists and is not empty; choose another output dir or pass --overwrite")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-        except OSError as e:
-            raise ShardError(f"{flag} {out}: cannot be created ({e.strerror}); choose a path in a folder you can "
-                             f"write") from None
-        try:
-            yield tmp
-            files.normalise_modes(tmp)
-            empty = out.is_dir() and not any(out.iterdir())  # an empty dir holds nothing to lose: renamed over
-            if out.exists() and not empty:
-                if not overwrite:  # made by someone else while this one was built: never replaced unasked
-                    raise ShardError(f"{out} appeared while this output was being written; choose another output "
-                                     f"dir or pass --overwrite")
-                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-                os.replace(out, old / "old")
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except OSError as e:
-            if not files.disk_full(e):
-                raise
-            raise ShardError(files.disk_full_message(out, flag)) from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class ShardWriter:

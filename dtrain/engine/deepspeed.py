@@ -237,12 +237,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         if self.half and self.stage > 0 and checkpoint is not None:
-            if self.env.is_main:
-                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-                state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
-                return {k.removeprefix("model."): v.float() for k, v in state.items()}
-            return None
+            return fp32_weights(checkpoint) if self.env.is_main else None
 
         params = list(self.model.parameters())
         gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.stage == 3 \
@@ -251,6 +246,21 @@ class DeepSpeedEngine(Engine):
             if self.env.is_main:
                 return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
         return None
+
+
+def fp32_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The fp32 model weights of a DeepSpeed checkpoint dir (one process, no process group): ZeRO 1–3 through
+    DeepSpeed's zero_to_fp32 (the fp32 master partitions joined); ZeRO-0 from its module states as they are (it has
+    no per-rank partitions, and DeepSpeed 0.19's zero_to_fp32 fails on it with a TypeError)."""
+    tag_dir = checkpoint / TAG
+    if written_world_size(tag_dir) is None:
+        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+    return {k.removeprefix("model."): v.float() for k, v in state.items()}
 
 
 def written_world_size(tag_dir: Path) -> int | None:

@@ -71,6 +71,7 @@ class Task:
     list_labels = False  # a row has a list of labels (multilabel, ner)
     counts_per_label = True  # labels.json counts name the labels (ner counts entity types)
     input_suffixes = TABLE_SUFFIXES | JSONL_SUFFIXES | CONLL_SUFFIXES
+    predict_offsets = False  # predict_encode keeps each token's character offsets (to decode spans of the text)
 
     def trains_on(self, prepared: str) -> bool:
         """Whether a model of this task trains on (and evaluates) data prepared for task `prepared`."""
@@ -206,7 +207,7 @@ class Task:
                        doc_stride: int) -> Any:
         text, pair = fields["text"], fields.get("text_pair")
         return tok([r[text] for r in rows], [r[pair] for r in rows] if pair else None, truncation=True,
-                   max_length=max_seq_len, return_offsets_mapping=False)
+                   max_length=max_seq_len, return_offsets_mapping=self.predict_offsets)
 
     def output_of(self, logits: np.ndarray, length: int) -> np.ndarray:
         """One input's output from its row of the batch's logits."""

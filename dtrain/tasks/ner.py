@@ -51,6 +51,7 @@ class Ner(Task):
     label_type = pa.list_(pa.int32())
     list_labels = True
     counts_per_label = False
+    predict_offsets = True  # entities are decoded as character spans
 
     def read_rows(self, files: list[Path], text_field: str, text_pair_field: str | None,
                   label_field: str) -> tuple[list[tuple], list[str]]:
@@ -112,12 +113,6 @@ class Ner(Task):
         hits = sum(int((r[1] == r[2]).sum()) for r in records)
         out["token_accuracy"] = hits / max(sum(len(r[2]) for r in records), 1)
         return out
-
-    def predict_encode(self, tok: Any, rows: list[dict[str, Any]], fields: dict[str, str | None], max_seq_len: int,
-                       doc_stride: int) -> Any:
-        text, pair = fields["text"], fields.get("text_pair")
-        return tok([r[text] for r in rows], [r[pair] for r in rows] if pair else None, truncation=True,
-                   max_length=max_seq_len, return_offsets_mapping=True)
 
     def output_of(self, logits: np.ndarray, length: int) -> np.ndarray:
         return logits[:length]

@@ -71,6 +71,11 @@ CASES = [
     Case("config", "out-of-range",
          (*DTRAIN, "config", "show", "--config", "configs/pretrain/debug.yaml", "schedule.grad_accum_steps=0"),
          E + "schedule.grad_accum_steps: must be >= 1, got 0 (command-line override schedule.grad_accum_steps=0)"),
+    Case("config", "unknown-task", (*DTRAIN, "config", "show", "--config", "configs/finetune/debug.yaml",
+                                    "task.type=sentiment"),
+         E + "task.type: expected one of 'classification', 'pair', 'multilabel', 'regression', 'ner', 'qa', "
+             "'token_classification', 'question_answering', got sentiment (command-line override "
+             "task.type=sentiment)"),
     Case("config", "missing-config-file", (*FINETUNE, "run_dir={run_dir}", "--config", "{files}/sentiment.yaml"),
          E + "config file <files>/sentiment.yaml not found; pass an existing YAML file to --config"),
     Case("config", "yaml-syntax", (*DTRAIN, "config", "show", "--config", "{files}/run.yaml"),
@@ -354,8 +359,8 @@ def other_tokenizer(tmp_path_factory) -> Path:
 
 
 def _fingerprint(path: Path) -> str:
-    from dtrain.data.prepare import load_tokenizer
     from dtrain.data.shards import tokenizer_fingerprint
+    from dtrain.model.tokenizer import load_tokenizer
 
     return tokenizer_fingerprint(load_tokenizer(path))
 

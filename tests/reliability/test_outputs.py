@@ -304,7 +304,7 @@ def test_a_second_run_on_a_run_dir_in_use_is_refused(tokenizer, train, tmp_path)
 
 def test_an_existing_empty_output_dir_is_taken_and_names_are_not_patterns(tmp_path):
     from dtrain import files
-    from dtrain.data.shards import atomic_output_dir
+    from dtrain.files import atomic_output_dir
 
     out = tmp_path / "out"
     out.mkdir()  # `mkdir out && dtrain prepare ... --out out`: nothing in it to lose

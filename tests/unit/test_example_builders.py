@@ -1,6 +1,6 @@
 """The pure pieces of the example builders: splitting, de-duplication, People's Daily → BIO."""
 
-from dtrain.data.examples import dedupe, people_daily_sentences, stratified_split
+from dtrain.data.example_sets import dedupe, people_daily_sentences, stratified_split
 
 
 def test_stratified_split_is_deterministic_disjoint_and_stratified():

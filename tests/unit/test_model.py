@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from dtrain.data.prepare import load_tokenizer
 from dtrain.data.pretraining import IGNORE, PretrainingCollator
 from dtrain.data.shards import ShardedDataset
 from dtrain.data.stream import as_tensors
 from dtrain.errors import DtrainError
 from dtrain.model.bert import count_parameters, pretraining_counts, pretraining_losses, pretraining_model
 from dtrain.model.presets import PRESETS, preset_config
+from dtrain.model.tokenizer import load_tokenizer
 
 
 def test_preset_shapes():

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from dtrain.data import IGNORE
-from dtrain.data.prepare import load_tokenizer, prepare_pretrain
+from dtrain.data.prepare import prepare_pretrain
 from dtrain.data.shards import ShardedDataset, ShardError
+from dtrain.model.tokenizer import load_tokenizer
 from dtrain.tasks import FinetuneCollator, LabelMap, prepare_finetune
 from tests.conftest import make_corpus
 

@@ -5,9 +5,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from dtrain.data.prepare import load_tokenizer, prepare_pretrain
+from dtrain.data.prepare import prepare_pretrain
 from dtrain.data.pretraining import IGNORE, IS_NEXT, IS_RANDOM, PretrainingCollator, truncate_pair
 from dtrain.data.shards import ShardedDataset
+from dtrain.model.tokenizer import load_tokenizer
 from tests.conftest import make_corpus
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dtrain.data.prepare import load_tokenizer
 from dtrain.data.shards import ShardedDataset, ShardError, ShardWriter, tokenizer_fingerprint
+from dtrain.model.tokenizer import load_tokenizer
 from tests.conftest import make_tokenizer
 
 SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("length", pa.int32())])
