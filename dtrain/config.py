@@ -156,8 +156,8 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class PeftConfig:
-    method: Literal["none", "lora", "bitfit", "prompt_tuning"] = opt("none", "Parameter-efficient fine-tuning: "
-                                                                            "none (full), lora, bitfit, prompt_tuning")
+    method: Literal["none", "lora", "bitfit", "prompt_tuning", "adapter"] = opt(
+        "none", "Parameter-efficient fine-tuning: none (full), lora, bitfit, prompt_tuning, adapter (bottleneck)")
     freeze_embeddings: bool = opt(False, "Freeze the embedding layer")
     freeze_layers: int = opt(0, "Freeze the lowest N encoder layers", ge=0)
     train_head_only: bool = opt(False, "Freeze the whole encoder; only the task head trains")
@@ -166,6 +166,12 @@ class PeftConfig:
     lora_dropout: float = opt(0.1, "LoRA dropout", ge=0, lt=1)
     lora_target_modules: list[str] = opt(["query", "value"], "Module names LoRA adapts")
     num_virtual_tokens: int = opt(20, "Prompt tuning: virtual tokens prepended", ge=1)
+    adapter_variant: Literal["houlsby", "pfeiffer"] = opt(
+        "houlsby", "Adapters: houlsby (after attention and feed-forward) or pfeiffer (after feed-forward only)")
+    adapter_reduction_factor: int = opt(16, "Adapters: bottleneck width = hidden size / this", ge=1)
+    adapter_non_linearity: Literal["relu", "gelu", "swish", "tanh"] = opt("relu", "Adapters: the bottleneck's "
+                                                                                  "activation")
+    adapter_train_layer_norm: bool = opt(True, "Adapters: the LayerNorms train too (as Houlsby et al.)")
 
 
 @dataclass(frozen=True)

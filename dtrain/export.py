@@ -24,6 +24,7 @@ from dtrain.engine.ddp import STATE_FILE
 from dtrain.engine.deepspeed import TAG, fp32_weights
 from dtrain.errors import DtrainError
 from dtrain.files import EXPORT, atomic_output_dir, check_output
+from dtrain.model import adapters
 from dtrain.model.bert import pretraining_model, quiet_transformers
 from dtrain.model.peft import base_hf_model, is_peft
 from dtrain.model.tokenizer import tokenizer_for
@@ -43,7 +44,11 @@ def _write(model: torch.nn.Module, state: dict[str, torch.Tensor] | None, tokeni
     """`model` with `state` (None: its own weights) as an HF dir in `tmp`."""
     with quiet_transformers():
         if is_peft(model):  # LoRA merged into a plain HF model (prompt tuning: a peft adapter dir, see peft.py)
-            base_hf_model(model, state).save_pretrained(tmp)
+            model, state = base_hf_model(model, state), None
+        if adapters.has_adapters(model):  # the HF model without them, the adapters beside it (adapters.py)
+            full = state if state is not None else model.state_dict()
+            model.save_pretrained(tmp, state_dict=adapters.split_state(full)[0])
+            adapters.save(model, full, tmp)
         else:
             model.save_pretrained(tmp, state_dict=state)
         if tokenizer is not None:

@@ -54,6 +54,7 @@ _DIR_KINDS = {DATASET: "a dataset dir (manifest.json and shards, from `dtrain pr
 _FILE_KINDS = {PREDICTIONS: "a predictions file of dtrain predict", REPORT: "a report of dtrain evaluate"}
 _DATASET_FILES = re.compile(r"^(manifest\.json|labels\.json|examples\.jsonl|shard-\d{5,}\.arrow)$")
 _EXPORT_FILES = re.compile(r"^(config\.json|generation_config\.json|adapter_config\.json|README\.md|vocab\.txt|"
+                           r"dtrain_adapters\.(json|safetensors)|"
                            r"special_tokens_map\.json|added_tokens\.json|merges\.txt|tokenizer(_config)?\.json|"
                            r"(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?)$")
 _WEIGHTS = re.compile(r"^(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")

@@ -28,6 +28,7 @@ from dtrain.files import (
 )
 from dtrain.locks import output_lock
 from dtrain.metrics import format_report
+from dtrain.model import adapters
 from dtrain.model.bert import quiet_transformers
 from dtrain.model.heads import export_dir_of
 from dtrain.model.tokenizer import load_tokenizer
@@ -48,6 +49,7 @@ def load_finetuned(path: str | Path) -> tuple[torch.nn.Module, Any, str, list[st
                           f"`dtrain finetune`")
     with quiet_transformers():
         model = getattr(transformers, arch).from_pretrained(str(source), local_files_only=True)
+    model = adapters.load(model, source)  # an export's bottleneck adapters, when it has them
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)] if kind.named_labels else []
     task = kind.name
     return model, load_tokenizer(source), task, labels

@@ -1,5 +1,6 @@
-"""Parameter-efficient fine-tuning: freezing (embeddings, the lowest N layers, the whole encoder), BitFit, LoRA and
-prompt tuning on the Hugging Face BERT task models, and the way back to a plain transformers model for export.
+"""Parameter-efficient fine-tuning: freezing (embeddings, the lowest N layers, the whole encoder), BitFit, LoRA,
+prompt tuning and bottleneck adapters (adapters.py) on the Hugging Face BERT task models, and the way back to a plain
+transformers model for export.
 
 The task head (the task's `head_module`: `classifier`, or `qa_outputs` for QA) always trains. Freezing is
 `requires_grad=False`, which `dtrain.optim.parameter_groups` skips, so frozen weights get neither updates nor weight
@@ -16,8 +17,9 @@ from typing import Any, Protocol
 import torch
 
 from dtrain.errors import DtrainError
+from dtrain.model import adapters
 
-METHODS = ("none", "lora", "bitfit", "prompt_tuning")
+METHODS = ("none", "lora", "bitfit", "prompt_tuning", "adapter")
 _IN_LAYER = re.compile(r"^.*?\.layer\.\d+\.")
 
 
@@ -144,6 +146,11 @@ def apply_peft(model: torch.nn.Module, cfg: Any, task: PeftTask, sequence_tasks:
         return model
     if cfg.method == "bitfit":
         _apply_bitfit(model, task)
+        return model
+    if cfg.method == "adapter":  # bottleneck adapters: dtrain's own (adapters.py says why)
+        if not adapters.has_adapters(model):  # (model.init_from an adapter export brings its adapters)
+            adapters.add_adapters(model, adapters.settings(cfg))
+        adapters.freeze_for_adapters(model, head)
         return model
     from peft import LoraConfig, PromptTuningConfig, get_peft_model
 

@@ -12,7 +12,7 @@ import torch
 
 from dtrain.data.shards import ShardError
 from dtrain.errors import DtrainError
-from dtrain.model import peft
+from dtrain.model import adapters, peft
 from dtrain.model.bert import load_model
 from dtrain.model.heads import export_dir_of, grow_head
 from dtrain.tasks.base import Task, check_class_weights, pad_2d
@@ -82,8 +82,14 @@ def task_model(task: str | Task, name_or_path: str, labels: Sequence[str], dropo
 def init_from_run(task: str | Task, path: str, labels: Sequence[str], extend: bool, dropout: float | None = None,
                   attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, list[str]]:
     """Continue fine-tuning an earlier fine-tuned model (model.init_from) on new data: the same label map, or with
-    task.extend_labels a superset of it (old labels keep their head rows, new ones start fresh)."""
-    task = get_task(task)
+    task.extend_labels a superset of it (old labels keep their head rows, new ones start fresh). An export with
+    bottleneck adapters brings them (trained again with peft.method=adapter, or with everything else)."""
+    model, fresh = _init_from_run(get_task(task), path, labels, extend, dropout, attn_implementation)
+    return adapters.load(model, export_dir_of(path)), fresh
+
+
+def _init_from_run(task: Task, path: str, labels: Sequence[str], extend: bool, dropout: float | None,
+                   attn_implementation: str) -> tuple[torch.nn.Module, list[str]]:
     source = export_dir_of(path)
     config = json.loads((source / "config.json").read_text())
     arch = (config.get("architectures") or ["?"])[0]

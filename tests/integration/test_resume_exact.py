@@ -18,13 +18,14 @@ TOL = 1e-6
 ENGINES = {"ddp": ("parallel.engine=ddp",),
            "zero2": ("parallel.engine=deepspeed", "parallel.zero_stage=2", "precision.dtype=fp32"),
            "zero3": ("parallel.engine=deepspeed", "parallel.zero_stage=3", "precision.dtype=fp32")}
-CASES = [  # (task, engine, ranks, data.num_workers)
-    ("pretrain", "ddp", 1, 0),
-    ("pretrain", "ddp", 2, 2),
-    ("pretrain", "zero2", 2, 0),
-    ("pretrain", "zero3", 2, 0),  # with 2 workers it hung once: a forked eval worker deadlocked inside os.fork
-    ("finetune", "ddp", 1, 2),
-    ("finetune", "zero2", 2, 0),
+CASES = [  # (task, engine, ranks, data.num_workers, more overrides)
+    ("pretrain", "ddp", 1, 0, ()),
+    ("pretrain", "ddp", 2, 2, ()),
+    ("pretrain", "zero2", 2, 0, ()),
+    ("pretrain", "zero3", 2, 0, ()),  # with 2 workers it hung once: a forked eval worker deadlocked inside os.fork
+    ("finetune", "ddp", 1, 2, ()),
+    ("finetune", "zero2", 2, 0, ()),
+    ("finetune", "ddp", 1, 0, ("peft.method=adapter", "peft.adapter_variant=pfeiffer")),  # frozen base, dropout on
 ]
 
 
@@ -44,14 +45,16 @@ def _args(task, corpus_data, sentiment, tokenizer_dir, run_dir, engine, workers,
             f"data.eval={sentiment['dev']}", "data.test=null", "data.max_seq_len=32", *common]
 
 
-@pytest.mark.parametrize(("task", "engine", "ranks", "workers"), CASES,
-                         ids=[f"{t}-{e}-{r}rank-{w}workers" for t, e, r, w in CASES])
-def test_a_stopped_and_resumed_run_equals_the_straight_one_with_dropout(task, engine, ranks, workers, corpus_data,
-                                                                        sentiment, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize(("task", "engine", "ranks", "workers", "more"), CASES,
+                         ids=[f"{t}-{e}-{r}rank-{w}workers" + ("-adapter" if m else "") for t, e, r, w, m in CASES])
+def test_a_stopped_and_resumed_run_equals_the_straight_one_with_dropout(task, engine, ranks, workers, more,
+                                                                        corpus_data, sentiment, tokenizer_dir,
+                                                                        tmp_path):
     module = f"dtrain.{task}"
 
     def train(run_dir, *extra):
-        result = run(module, *_args(task, corpus_data, sentiment, tokenizer_dir, run_dir, engine, workers, *extra),
+        result = run(module, *_args(task, corpus_data, sentiment, tokenizer_dir, run_dir, engine, workers, *more,
+                                    *extra),
                      nproc=ranks, timeout=300)  # a hang fails in minutes
         assert result.returncode == 0, result.stderr[-3000:]
         return result

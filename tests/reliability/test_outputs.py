@@ -251,7 +251,14 @@ def test_two_prepares_of_one_output_the_second_is_refused(tokenizer, tmp_path):
     data = tmp_path / "data"
     command = [sys.executable, "-m", "dtrain", *map(str, prepare(tokenizer, corpus, data, "--shard-size", "64KB"))]
     first = subprocess.Popen([*command, "--seed", "1"], cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    lock, deadline = tmp_path / ".data.lock", time.monotonic() + 120
+    while first.poll() is None and time.monotonic() < deadline:  # until the first holds the output's lock (a
+        try:  # loaded machine takes seconds to import transformers: a fixed sleep let the second start first)
+            if str(first.pid) in lock.read_text():
+                break
+        except OSError:
+            pass
+        time.sleep(0.05)
     second = subprocess.run([*command, "--seed", "2"], cwd=REPO, env=_env(), capture_output=True, text=True,
                             timeout=300)
     assert first.wait(timeout=300) == 0, first.stderr.read()
