@@ -60,7 +60,8 @@ def forward_pass(engine: Any, batches: Iterable[Batch], fn: Callable[[torch.nn.M
             totals.counts[k] = totals.counts.get(k, 0.0) + float(v)
         if records is not None:
             totals.records.extend(records(out["logits"], batch))
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if getattr(engine, "distributed", True) and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
         parts: list[Any] = [None] * torch.distributed.get_world_size()
         # one object gather: also right when a rank's share was empty (it knows no term names)
         torch.distributed.all_gather_object(parts, (totals.sums, totals.counts, totals.records))

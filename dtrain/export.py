@@ -28,7 +28,7 @@ from dtrain.model import adapters
 from dtrain.model.bert import pretraining_model, quiet_transformers
 from dtrain.model.peft import base_hf_model, is_peft
 from dtrain.model.tokenizer import tokenizer_for
-from dtrain.tasks import LabelMap, apply_peft, task_model
+from dtrain.tasks import LabelMap, apply_peft, init_from_run, task_model
 
 
 def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -85,8 +85,11 @@ def export(source: str | Path, out: str | Path, overwrite: bool = False) -> Path
         model, _ = pretraining_model(cfg.model.name_or_path)
     else:
         labels = LabelMap.load(Path(cfg.data.train))
-        model = apply_peft(task_model(cfg.task.type, cfg.model.name_or_path, labels.labels)[0], cfg.peft,
-                           cfg.task.type)
+        if cfg.model.init_from and Path(cfg.model.init_from).exists():  # as the run built it (it may bring adapters)
+            model = init_from_run(cfg.task.type, cfg.model.init_from, labels.labels, cfg.task.extend_labels)[0]
+        else:
+            model = task_model(cfg.task.type, cfg.model.name_or_path, labels.labels)[0]
+        model = apply_peft(model, cfg.peft, cfg.task.type)
     state = checkpoint_weights(ckpt)
     try:
         model.load_state_dict(state, strict=True)

@@ -253,13 +253,18 @@ def fp32_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     DeepSpeed's zero_to_fp32 (the fp32 master partitions joined); ZeRO-0 from its module states as they are (it has
     no per-rank partitions, and DeepSpeed 0.19's zero_to_fp32 fails on it with a TypeError)."""
     tag_dir = checkpoint / TAG
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
     if written_world_size(tag_dir) is None:
-        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        state = module
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+        state = dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG))
+        # frozen parameters have no fp32 master, and ZeRO-1 does not save them with the partitions (DeepSpeed saves
+        # frozen parameters from stage 2 on): they are the module's own (16-bit under bf16/fp16). ZeRO-3's module
+        # states are empty placeholders, never taken.
+        state.update({k: v for k, v in module.items() if k not in state and v.numel() > 0})
     return {k.removeprefix("model."): v.float() for k, v in state.items()}
 
 

@@ -15,6 +15,8 @@ from dtrain.engine.base import to_device
 class LocalEngine:
     """`forward` and `device` of the Engine interface, for a model in eval mode on one device (CUDA if present)."""
 
+    distributed = False  # one process: its evaluation loop combines nothing with other ranks (even inside a job)
+
     def __init__(self, model: torch.nn.Module, device: str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -71,6 +72,17 @@ def _adapted_class(cls: type) -> type:
                                                                 "__module__": __name__})
         globals()[_CLASSES[cls].__name__] = _CLASSES[cls]
     return _CLASSES[cls]
+
+
+def __getattr__(name: str) -> type:
+    """Adapted<HF class> on demand, so a pickled adapted model loads in a process that has not made one yet."""
+    if name.startswith("Adapted"):
+        from transformers.models.bert import modeling_bert
+
+        base = getattr(modeling_bert, name.removeprefix("Adapted"), None)
+        if isinstance(base, type):
+            return _adapted_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _layers(model: nn.Module) -> Any:
@@ -148,8 +160,10 @@ def load(model: nn.Module, export_dir: Path) -> nn.Module:
 
     try:
         options = json.loads((export_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        settings(SimpleNamespace(**{f"adapter_{k}": options[k] for k in
+                                    ("variant", "reduction_factor", "non_linearity", "train_layer_norm")}))
         weights = load_file(str(export_dir / ADAPTER_WEIGHTS))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError, TypeError, DtrainError) as e:
         raise DtrainError(f"{export_dir}: its adapters ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}) cannot be read ({e}); "
                           f"export the run again (`dtrain export RUN_DIR OUT`)") from None
     add_adapters(model, options)

@@ -68,3 +68,34 @@ def test_an_adapter_run_trains_exports_and_predicts_what_it_evaluated(variant, t
     for source in (run_dir, tmp_path / "offline"):
         classify = pipeline("text-classification", model=dtrain.load_model(source), tokenizer=str(export), device=-1)
         assert [out["label"] for out in classify([t["text"] for t in texts])] == labels, source
+
+
+def test_frozen_weights_survive_a_zero1_bf16_export_and_an_adapter_export_seeds_later_runs(tokenizer_dir, tmp_path):
+    """ZeRO-1 saves no frozen parameters with its partitions (DeepSpeed saves them from stage 2 on): the export takes
+    them from the module states, so the frozen base is there (bf16-rounded), not re-initialised at random. A run
+    that starts from an adapter export (model.init_from) keeps the adapters, and `dtrain export` rebuilds it so."""
+    import torch
+
+    import dtrain
+
+    data = write_sentiment(tmp_path, tokenizer_dir)
+
+    def finetune(run_dir, *extra):
+        result = run("dtrain.finetune", "--config", "configs/finetune/debug.yaml", f"data.train={data['train']}",
+                     f"data.eval={data['dev']}", "data.test=null", f"model.tokenizer={tokenizer_dir}",
+                     f"run_dir={run_dir}", "data.max_seq_len=32", "logging.progress_bar=false", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    finetune(tmp_path / "full", "optim.lr=2e-3", "schedule.max_steps=10")
+    finetune(tmp_path / "adapted", f"model.init_from={tmp_path / 'full'}", "peft.method=adapter",
+             "parallel.engine=deepspeed", "parallel.zero_stage=1", "precision.dtype=bf16", "schedule.max_steps=6")
+    base, adapted = dtrain.load_model(tmp_path / "full"), dtrain.load_model(tmp_path / "adapted")
+    for name, weight in base.state_dict().items():
+        if not name.startswith("classifier.") and "LayerNorm" not in name:  # the frozen part
+            torch.testing.assert_close(adapted.state_dict()[name], weight, rtol=1e-2, atol=1e-2, msg=name)
+    finetune(tmp_path / "again", f"model.init_from={tmp_path / 'adapted'}", "schedule.max_steps=4")
+    again = dtrain.load_model(tmp_path / "again")
+    assert hasattr(again.bert.encoder.layer[0].output, "adapter")  # the adapters came along and trained in full
+    offline = run_cli("export", str(tmp_path / "again"), str(tmp_path / "offline"))
+    assert offline.returncode == 0, offline.stderr[-2000:]
+    torch.testing.assert_close(dtrain.load_model(tmp_path / "offline").state_dict(), again.state_dict())

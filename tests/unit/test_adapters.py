@@ -121,11 +121,28 @@ def test_the_export_loads_back_with_its_adapters_and_serves_a_pipeline(tmp_path,
         {loaded.config.id2label[i]: round(float(want[i]), 5) for i in range(3)}
 
 
-def test_adapted_models_copy_and_pickle():
+def test_adapted_models_copy_and_pickle(tmp_path):
+    import subprocess
+    import sys
+
     model = apply_peft(tiny(), cfg(), "classification")
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         torch.testing.assert_close(logits(other), logits(model))
         assert type(other.bert.encoder.layer[0].output).__name__ == "AdaptedBertOutput"
+    torch.save(model, tmp_path / "model.pt")  # loads in a process that never made an adapted class
+    code = ("import sys, torch; m = torch.load(sys.argv[1], weights_only=False); "
+            "print(type(m.bert.encoder.layer[0].attention.output).__name__)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.pt")], capture_output=True, text=True)
+    assert out.stdout.strip() == "AdaptedBertSelfOutput", out.stderr[-2000:]
+
+
+def test_a_damaged_adapter_config_is_one_line(tmp_path):
+    model = apply_peft(tiny(), cfg(), "classification")
+    adapters.save(model, None, tmp_path)
+    (tmp_path / adapters.ADAPTER_CONFIG).write_text('{"variant": "houlsby"}\n')
+    with pytest.raises(DtrainError, match=r"its adapters \(dtrain_adapters\.json, dtrain_adapters\.safetensors\) "
+                                          r"cannot be read .*; export the run again"):
+        adapters.load(tiny(), tmp_path)
 
 
 def test_bad_adapter_settings_and_models_are_refused():
