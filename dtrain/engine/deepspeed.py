@@ -253,8 +253,8 @@ def fp32_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     DeepSpeed's zero_to_fp32 (the fp32 master partitions joined); ZeRO-0 from its module states as they are (it has
     no per-rank partitions, and DeepSpeed 0.19's zero_to_fp32 fails on it with a TypeError)."""
     tag_dir = checkpoint / TAG
-    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-    module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))  # ZeRO 0-2 (ZeRO-3 writes one per rank, partitioned)
+    module = (torch.load(files[0], map_location="cpu", weights_only=False)["module"] or {}) if files else {}
     if written_world_size(tag_dir) is None:
         state = module
     else:
@@ -262,8 +262,8 @@ def fp32_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
         state = dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG))
         # frozen parameters have no fp32 master, and ZeRO-1 does not save them with the partitions (DeepSpeed saves
-        # frozen parameters from stage 2 on): they are the module's own (16-bit under bf16/fp16). ZeRO-3's module
-        # states are empty placeholders, never taken.
+        # frozen parameters from stage 2 on): they are the module's own (16-bit under bf16/fp16). ZeRO-3 has no
+        # whole-module file (and saves its frozen parameters with the partitions).
         state.update({k: v for k, v in module.items() if k not in state and v.numel() > 0})
     return {k.removeprefix("model."): v.float() for k, v in state.items()}
 
