@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import dtrain.data.example_sets as sets
 import dtrain.data.examples as ex
 
 pytestmark = pytest.mark.network
@@ -47,7 +48,7 @@ def test_labelled_splits_sizes_balance_and_no_overlap(examples, name, total, lab
     splits = splits_of(root, name)
     sizes = {s: len(rs) for s, rs in splits.items()}
     assert sum(sizes.values()) == total
-    for split, frac in ex.SPLIT_FRACTIONS.items():
+    for split, frac in sets.SPLIT_FRACTIONS.items():
         assert abs(sizes[split] - frac * total) <= len(labels), (split, sizes)
     overall = Counter(r["label"] for rs in splits.values() for r in rs)
     assert set(overall) == labels
@@ -55,7 +56,7 @@ def test_labelled_splits_sizes_balance_and_no_overlap(examples, name, total, lab
         counts = Counter(r["label"] for r in rs)
         for label in labels:
             assert abs(counts[label] / len(rs) - overall[label] / total) < 0.01, (split, label)
-    texts = {s: {ex.normalize(r["text"]) for r in rs} for s, rs in splits.items()}
+    texts = {s: {sets.normalize(r["text"]) for r in rs} for s, rs in splits.items()}
     assert all(len(texts[s]) == sizes[s] for s in texts)  # no duplicates within a split
     assert not texts["train"] & texts["dev"] and not texts["train"] & texts["test"] and not texts["dev"] & texts["test"]
     assert manifests[name]["summary"]["splits"] == {s: dict(sorted(Counter(r["label"] for r in rs).items()))
@@ -76,8 +77,8 @@ def test_bbc_corpus_is_topic_train_only(examples):
     splits = splits_of(root, "topic_en")
     docs = {p.stem: p.read_text(encoding="utf-8") for p in (root / "bbc_corpus").glob("*.txt")}
     assert set(docs) == {r["id"] for r in splits["train"]}
-    held_out = {ex.normalize(r["text"]) for s in ("dev", "test") for r in splits[s]}
-    assert not held_out & {ex.normalize(t) for t in docs.values()}
+    held_out = {sets.normalize(r["text"]) for s in ("dev", "test") for r in splits[s]}
+    assert not held_out & {sets.normalize(t) for t in docs.values()}
     assert all("\n\n" in t for t in docs.values())  # paragraphs (blank-line separated) are kept for NSP
 
 
