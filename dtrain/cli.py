@@ -95,7 +95,7 @@ def _predict(args: argparse.Namespace) -> int:
     from dtrain.predict import predict
 
     n = predict(args.model, args.input, args.output, args.text_field, args.text_pair_field, args.question_field,
-                args.context_field, args.batch_size, args.max_seq_len, args.threshold, args.overwrite)
+                args.context_field, args.batch_size, args.max_seq_len, args.threshold, args.overwrite, args.prompt)
     print(f"{args.output}: {n} predictions")
     return 0
 
@@ -103,7 +103,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from dtrain.predict import evaluate
 
-    evaluate(args.model, args.data, args.batch_size, args.threshold, args.output, args.overwrite)
+    evaluate(args.model, args.data, args.batch_size, args.threshold, args.output, args.overwrite, args.prompt)
     return 0
 
 
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (32)")
         p.add_argument("--threshold", type=float, default=0.5, help="multilabel: probability to predict a label")
         p.add_argument("--overwrite", action="store_true", help="replace an earlier --output of dtrain (only that)")
+        p.add_argument("--prompt", default=None, help="cloze prompt YAML (template, verbalizer): zero-shot with a "
+                       "model that has an MLM head (a pretraining run)")
 
     prep = sub.add_parser("prepare", help="tokenize raw text or labelled files into a sharded dataset")
     prep_sub = prep.add_subparsers(dest="prepare_command", metavar="<pretrain|finetune>", required=True)

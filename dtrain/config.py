@@ -152,6 +152,12 @@ class TaskConfig:
     max_answer_length: int = opt(30, "question_answering: longest answer span in tokens", ge=1)
     n_best: int = opt(20, "question_answering: start and end candidates per window when decoding spans", ge=1)
     extend_labels: bool = opt(False, "With model.init_from: allow new labels (old ones keep their head rows)")
+    template: str | None = opt(None, "prompt: the cloze template, {text} (and {text_pair}) and one [MASK], e.g. "
+                                     "\"{text} It was [MASK].\"")
+    verbalizer: dict[str, list[str]] | None = opt(None, "prompt: each label's words (one word piece each), e.g. "
+                                                        "{positive: [great], negative: [terrible]}")
+    prompt_lm_weight: float = opt(0.0, "prompt: weight of an auxiliary MLM loss on the training texts (PET); 0 = off",
+                                  ge=0)
 
 
 @dataclass(frozen=True)

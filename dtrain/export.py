@@ -28,7 +28,7 @@ from dtrain.model import adapters
 from dtrain.model.bert import pretraining_model, quiet_transformers
 from dtrain.model.peft import base_hf_model, is_peft
 from dtrain.model.tokenizer import tokenizer_for
-from dtrain.tasks import LabelMap, apply_peft, init_from_run, task_model
+from dtrain.tasks import LabelMap, apply_peft, get_task, init_from_run, task_model
 
 
 def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -85,11 +85,13 @@ def export(source: str | Path, out: str | Path, overwrite: bool = False) -> Path
         model, _ = pretraining_model(cfg.model.name_or_path)
     else:
         labels = LabelMap.load(Path(cfg.data.train))
+        task = get_task(cfg.task.type).bind(cfg.task, tokenizer_for(cfg), labels.labels,
+                                            get_task(labels.task).has_pairs, cfg.data.max_seq_len)
         if cfg.model.init_from and Path(cfg.model.init_from).exists():  # as the run built it (it may bring adapters)
-            model = init_from_run(cfg.task.type, cfg.model.init_from, labels.labels, cfg.task.extend_labels)[0]
+            model = init_from_run(task, cfg.model.init_from, labels.labels, cfg.task.extend_labels)[0]
         else:
-            model = task_model(cfg.task.type, cfg.model.name_or_path, labels.labels)[0]
-        model = apply_peft(model, cfg.peft, cfg.task.type)
+            model = task_model(task, cfg.model.name_or_path, labels.labels)[0]
+        model = apply_peft(model, cfg.peft, task)
     state = checkpoint_weights(ckpt)
     try:
         model.load_state_dict(state, strict=True)

@@ -40,25 +40,26 @@ def task_type(cfg: Config) -> list[str]:
 
 
 def describe(cfg: Config, env: DistEnv, tokenizer: Any, data: dict[str, ShardedDataset]) -> runner.Run:
-    task, labels = cfg.task.type, LabelMap.load(Path(cfg.data.train))
+    labels = LabelMap.load(Path(cfg.data.train))
+    task = get_task(cfg.task.type).bind(cfg.task, tokenizer, labels.labels, get_task(labels.task).has_pairs,
+                                        cfg.data.max_seq_len)  # a prompt: its template and verbalizer built in
     if cfg.model.init_from:
         model, fresh = init_from_run(task, cfg.model.init_from, labels.labels, cfg.task.extend_labels,
                                      cfg.model.dropout, cfg.model.attn_implementation)
     else:
         model, fresh = task_model(task, cfg.model.name_or_path, labels.labels, cfg.model.dropout,
                                   cfg.model.attn_implementation)
-    flops = training_flops_per_token(model.config, cfg.data.max_seq_len, 0.0)
-    model_config = model.config  # before PEFT wraps the model
+    flops, model_config = training_flops_per_token(model.config, cfg.data.max_seq_len, 0.0), model.config  # pre-PEFT
     model = apply_peft(model, cfg.peft, task)
     if env.is_main:
-        print(f"dtrain: model {cfg.model.init_from or cfg.model.name_or_path} for {task}: {fresh_summary(fresh)}; "
-              f"{trainable_summary(model)}", file=sys.stderr)
-        if not cfg.model.init_from:
-            print(f"dtrain: {origin_line(cfg.model.name_or_path)}", file=sys.stderr)
-    head = Head(task, cfg.task.class_weights, cfg.task.label_smoothing, len(labels.labels))
-    # widths that are multiples of 8 suit GPU tensor cores; on a CPU they only add work (27 → 32 tokens: +25%)
-    collate = FinetuneCollator(task, tokenizer.pad_token_id, len(labels.labels),
-                               pad_to_multiple_of=8 if env.device.type == "cuda" else 1)
+        print(f"dtrain: model {cfg.model.init_from or cfg.model.name_or_path} for {task.name}: {fresh_summary(fresh)}; "
+              f"{trainable_summary(model)}" + ("" if cfg.model.init_from else
+                                               f"\ndtrain: {origin_line(cfg.model.name_or_path)}"), file=sys.stderr)
+    head, trains = (Head(t, cfg.task.class_weights, cfg.task.label_smoothing, len(labels.labels))
+                    for t in (task, task.for_training()))  # (the training side may add terms: prompt's MLM loss)
+    multiple = 8 if env.device.type == "cuda" else 1  # widths of 8k suit tensor cores; a CPU: only more work (+25%)
+    collate = {h.task: FinetuneCollator(h.task, tokenizer.pad_token_id, len(labels.labels), multiple)
+               for h in (head, trains)}
     evaluators = {}
     for split in ("eval", "test"):
         if split in data:
@@ -70,7 +71,7 @@ def describe(cfg: Config, env: DistEnv, tokenizer: Any, data: dict[str, ShardedD
     def after_fit(trainer: Trainer, test: Any) -> dict[str, Any] | None:
         if trainer.interrupted:  # saved for a later resume: no test report and no export yet
             return None
-        report = {"task": task, "steps": trainer.state.step, "model_step": trainer.model_step,
+        report = {"task": task.name, "steps": trainer.state.step, "model_step": trainer.model_step,
                   "metric": trainer.metric, "best": trainer.state.best, "best_step": trainer.state.best_step,
                   "baseline": trainer.state.baseline, "selection": SELECTION, "eval_history": trainer.state.history}
         report["model"] = origin(cfg.model.init_from or cfg.model.name_or_path)
@@ -85,8 +86,9 @@ def describe(cfg: Config, env: DistEnv, tokenizer: Any, data: dict[str, ShardedD
             write_atomic(Path(cfg.run_dir) / "report.json", json.dumps(report, indent=1, default=float) + "\n")
         return {"model_step": trainer.model_step, "test": scalar_metrics(report["test"]) if "test" in report else None}
 
-    return runner.Run(model, lambda dataset: collate, Objective(head.losses, head.counts), flops,
-                      metric=get_task(task).default_metric, keep_best=True, report=after_fit,
+    return runner.Run(model, lambda dataset: collate[(trains if dataset is data["train"] else head).task],
+                      Objective(trains.losses, trains.counts), flops,
+                      metric=task.default_metric, keep_best=True, report=after_fit,
                       evaluate=evaluators["eval"].scalars if "eval" in evaluators else None)
 
 

@@ -29,30 +29,51 @@ from dtrain.files import (
 from dtrain.locks import output_lock
 from dtrain.metrics import format_report
 from dtrain.model import adapters
-from dtrain.model.bert import quiet_transformers
+from dtrain.model.bert import load_model, quiet_transformers
 from dtrain.model.heads import export_dir_of
 from dtrain.model.tokenizer import load_tokenizer
-from dtrain.tasks import TASKS, FinetuneCollator, Head, LabelMap, get_task, task_of_model
+from dtrain.tasks import TASKS, FinetuneCollator, Head, LabelMap, Task, get_task, task_of_model
+from dtrain.tasks.prompt import CONFIG_KEY, read_prompt_file
 
 
-def load_finetuned(path: str | Path) -> tuple[torch.nn.Module, Any, str, list[str]]:
-    """(model, tokenizer, data task, label names) of an exported fine-tuned model (or a run dir with export/)."""
+def load_finetuned(path: str | Path, prompt: str | Path | None = None
+                   ) -> tuple[torch.nn.Module, Any, Task, list[str], Any]:
+    """(model, tokenizer, task, label names, task settings) of an exported fine-tuned model (or a run dir with
+    export/). The task is the registry's, not yet bound: its settings (a prompt model's template and verbalizer, from
+    its config.json) go to `Task.bind` once the caller knows the labels and fields. `prompt`: a --prompt file, which
+    makes any model with a trained MLM head (a pretraining run's export) a zero-shot prompt classifier."""
     import transformers
 
     source = export_dir_of(path)
     config = json.loads((source / "config.json").read_text())
     arch = (config.get("architectures") or ["?"])[0]
+    tok = load_tokenizer(source)
+    if prompt is not None:
+        options = read_prompt_file(prompt)
+        kind = get_task("prompt")
+        model, fresh = load_model(getattr(transformers, kind.hf_class), str(source))
+        kind.check_loaded(str(source), fresh, False)
+        labels = [str(k) for k in options.verbalizer] if isinstance(options.verbalizer, dict) else []
+        return model, tok, kind, labels, options
     kind = task_of_model(config)
     if kind is None:
         kinds = ", ".join(sorted({t.hf_class for t in TASKS.values()}))
         raise DtrainError(f"{source}: a {arch}, not a fine-tuned task model ({kinds}); pass the run dir or export of "
-                          f"`dtrain finetune`")
+                          f"`dtrain finetune` (or --prompt FILE: a cloze prompt on a model with an MLM head)")
     with quiet_transformers():
         model = getattr(transformers, arch).from_pretrained(str(source), local_files_only=True)
     model = adapters.load(model, source)  # an export's bottleneck adapters, when it has them
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)] if kind.named_labels else []
-    task = kind.name
-    return model, load_tokenizer(source), task, labels
+    names = model.config.id2label
+    labels = [names[i] for i in range(len(names))] if kind.named_labels else []
+    return model, tok, kind, labels, kind.saved_options(config)
+
+
+def _bind(kind: Task, options: Any, tok: Any, labels: list[str], pairs: bool, max_seq_len: int,
+          prompt: str | None, model_path: str | Path, data: str) -> Task:
+    """The task with its settings (from --prompt, or as the model saved them); errors name where they came from."""
+    where = f"--prompt {prompt}: {{key}}" if prompt is not None else \
+        f"{export_dir_of(model_path)}/config.json: {CONFIG_KEY}.{{key}}"
+    return kind.bind(options, tok, labels, pairs, max_seq_len, where, data)
 
 
 def read_inputs(path: Path, fields: list[str]) -> list[dict[str, Any]]:
@@ -70,9 +91,9 @@ def read_inputs(path: Path, fields: list[str]) -> list[dict[str, Any]]:
     return [row for _, row in iter_table_rows(path, fields)]
 
 
-def _batches(enc: dict[str, list], size: int) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(enc: dict[str, list], size: int, fields: tuple[str, ...] = ()) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches of the encoded rows in length order (similar lengths together: little padding); "row": each
-    sample's index in `enc`."""
+    sample's index in `enc`; `fields`: per-row integers of `enc` the batch carries too (the task's batch_fields)."""
     ids = enc["input_ids"]
     order = np.argsort([len(x) for x in ids], kind="stable")
     for start in range(0, len(ids), size):
@@ -81,7 +102,8 @@ def _batches(enc: dict[str, list], size: int) -> Iterator[dict[str, torch.Tensor
         batch = {"input_ids": torch.zeros(len(chosen), width, dtype=torch.long),
                  "attention_mask": torch.zeros(len(chosen), width, dtype=torch.long),
                  "token_type_ids": torch.zeros(len(chosen), width, dtype=torch.long),
-                 "row": torch.tensor(chosen, dtype=torch.long)}
+                 "row": torch.tensor(chosen, dtype=torch.long),
+                 **{k: torch.tensor([enc[k][i] for i in chosen], dtype=torch.long) for k in fields}}
         for j, i in enumerate(chosen):
             n = len(ids[i])
             batch["input_ids"][j, :n] = torch.tensor(ids[i])
@@ -90,7 +112,7 @@ def _batches(enc: dict[str, list], size: int) -> Iterator[dict[str, torch.Tensor
         yield batch
 
 
-def predict_rows(model: torch.nn.Module, tok: Any, task: str, labels: list[str], rows: list[dict[str, Any]],
+def predict_rows(model: torch.nn.Module, tok: Any, task: str | Task, labels: list[str], rows: list[dict[str, Any]],
                  fields: dict[str, str | None], max_seq_len: int = 512, batch_size: int = 32, threshold: float = 0.5,
                  doc_stride: int = 128, max_answer_length: int = 30, device: str | None = None) -> list[dict]:
     """One prediction dict per input row, in input order (the evaluation loop over length-sorted batches)."""
@@ -106,7 +128,8 @@ def predict_rows(model: torch.nn.Module, tok: Any, task: str, labels: list[str],
         return [(i, kind.output_of(row, n)) for i, row, n in
                 zip(batch["row"].tolist(), logits.cpu().numpy(), width, strict=True)]
 
-    totals = forward_pass(LocalEngine(model, device), _batches(enc, batch_size), forward, records=records)
+    batches = _batches(enc, batch_size, kind.batch_fields)
+    totals = forward_pass(LocalEngine(model, device), batches, forward, records=records)
     outputs = [output for _, output in totals.records]
     return kind.decode(outputs, enc, rows, fields, labels, threshold, max_answer_length)
 
@@ -123,21 +146,23 @@ def _check_options(batch_size: int, threshold: float, max_seq_len: int | None = 
 def predict(model_path: str, input_path: str, output: str, text_field: str = "text",
             text_pair_field: str | None = None, question_field: str = "question", context_field: str = "context",
             batch_size: int = 32, max_seq_len: int | None = None, threshold: float = 0.5,
-            overwrite: bool = False) -> int:
+            overwrite: bool = False, prompt: str | None = None) -> int:
     _check_options(batch_size, threshold, max_seq_len)
-    check_output(output, PREDICTIONS, [("--input", input_path), ("--model", export_dir_of(model_path))], overwrite,
-                 "--output")
-    model, tok, task, labels = load_finetuned(model_path)
-    fields = {"text": text_field, "text_pair": text_pair_field, "question": question_field, "context": context_field}
-    need = get_task(task).input_fields(fields)
-    rows = read_inputs(Path(input_path), need)
-    if not rows:
-        raise DtrainError(f"--input {input_path}: holds no rows to predict (the file is empty); pass a file with one "
-                          f"text per line or row")
+    read = [("--input", input_path), ("--model", export_dir_of(model_path)), ("--prompt", prompt)]
+    check_output(output, PREDICTIONS, [(k, v) for k, v in read if v], overwrite, "--output")
+    model, tok, kind, labels, options = load_finetuned(model_path, prompt)
     if max_seq_len and max_seq_len > model.config.max_position_embeddings:
         raise DtrainError(f"--max-seq-len {max_seq_len}: the model has {model.config.max_position_embeddings} "
                           f"positions; pass at most that (or leave it out)")
     limit = max_seq_len or model.config.max_position_embeddings
+    task = _bind(kind, options, tok, labels, text_pair_field is not None, limit, prompt, model_path,
+                 "the input (--text-pair-field)")
+    fields = {"text": text_field, "text_pair": text_pair_field, "question": question_field, "context": context_field}
+    need = task.input_fields(fields)
+    rows = read_inputs(Path(input_path), need)
+    if not rows:
+        raise DtrainError(f"--input {input_path}: holds no rows to predict (the file is empty); pass a file with one "
+                          f"text per line or row")
     preds = predict_rows(model, tok, task, labels, rows, fields, limit, batch_size, threshold)
     _write_new(Path(output), "".join(json.dumps({**row, **p}, ensure_ascii=False) + "\n"
                                      for row, p in zip(rows, preds, strict=True)), overwrite, PREDICTIONS)
@@ -145,27 +170,33 @@ def predict(model_path: str, input_path: str, output: str, text_field: str = "te
 
 
 def evaluate(model_path: str, data_path: str, batch_size: int = 32, threshold: float = 0.5,
-             output: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """The full report of a fine-tuned model on a prepared labelled set."""
+             output: str | None = None, overwrite: bool = False, prompt: str | None = None) -> dict[str, Any]:
+    """The full report of a fine-tuned model (or of a cloze prompt on an MLM model: `prompt`) on a prepared
+    labelled set."""
     _check_options(batch_size, threshold)
     if output:
-        check_output(output, REPORT, [("--data", data_path), ("--model", export_dir_of(model_path))], overwrite,
-                     "--output")
-    model, tok, task, labels = load_finetuned(model_path)
+        read = [("--data", data_path), ("--model", export_dir_of(model_path)), ("--prompt", prompt)]
+        check_output(output, REPORT, [(k, v) for k, v in read if v], overwrite, "--output")
+    model, tok, kind, labels, options = load_finetuned(model_path, prompt)
     data = ShardedDataset(data_path, expect_fingerprint=tokenizer_fingerprint(tok))
     prepared = LabelMap.load(Path(data_path))
-    kind = get_task(task)
-    expected = LabelMap(prepared.task if kind.trains_on(prepared.task) else kind.name, labels)
+    if prompt is not None:  # zero-shot: the data's labels, in its order (the verbalizer must cover them)
+        labels = prepared.labels
+    task = _bind(kind, options, tok, labels, get_task(prepared.task).has_pairs, model.config.max_position_embeddings,
+                 prompt, model_path, f"--data {data_path}")
+    expected = LabelMap(prepared.task if task.trains_on(prepared.task) else task.name, labels)
     prepared.check_same(expected, f"--data {data_path}")
-    head = Head(prepared.task)
+    head = Head(task)
     loader = StreamLoader(StreamingDataset(data, batch_size, shuffle=False, drop_last=False, rank=0, world_size=1),
-                          FinetuneCollator(prepared.task, tok.pad_token_id, len(labels)), num_workers=0)
+                          FinetuneCollator(task, tok.pad_token_id, len(labels)), num_workers=0)
     evaluator = Evaluator(head, labels, data, threshold)
     report = evaluator.report(*evaluator.collect(LocalEngine(model), loader))
-    print(format_report(report, f"{model_path} on {data_path}"))
+    title = f"{model_path} with --prompt {prompt}" if prompt else str(model_path)
+    print(format_report(report, f"{title} on {data_path}"))
     if output:
-        _write_new(Path(output), json.dumps({"model": str(model_path), "data": str(data_path), **report}, indent=1,
-                                            default=float) + "\n", overwrite, REPORT)
+        _write_new(Path(output), json.dumps({"model": str(model_path), **({"prompt": str(prompt)} if prompt else {}),
+                                             "data": str(data_path), **report}, indent=1, default=float) + "\n",
+                   overwrite, REPORT)
     return scalar_metrics(report)
 
 

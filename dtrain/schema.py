@@ -61,6 +61,8 @@ def type_name(tp: Any) -> str:
         return " or ".join(type_name(a) for a in inner) + " or null"
     if origin is list:
         return f"list of {type_name(args[0])}"
+    if origin is dict:
+        return f"mapping of {type_name(args[0])} to {type_name(args[1])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -111,6 +113,15 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
             if isinstance(value, str) and value == str(choice):
                 return choice
         raise _bad(path, tp, value, source)
+    if origin is dict:
+        if isinstance(value, str) and value.strip().startswith("{"):  # from the command line
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise _bad(path, tp, value, source) from None
+        if not isinstance(value, dict):
+            raise _bad(path, tp, value, source)
+        return Mapping({str(k): _coerce(v, args[1], f"{path}.{k}", source) for k, v in value.items()})
     if origin is list:
         if isinstance(value, str):
             parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
@@ -183,10 +194,16 @@ def _check_range(value: Any, f: dataclasses.Field, path: str, source: str) -> An
     return value
 
 
+class Mapping(dict):
+    """A mapping-valued key's value (task.verbalizer) in a checked layer: a later layer replaces it whole (sections
+    merge key by key)."""
+
+
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in top.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        section = isinstance(v, dict) and not isinstance(v, Mapping) and isinstance(out.get(k), dict)
+        out[k] = merge(out[k], v) if section else v
     return out
 
 
@@ -194,5 +211,7 @@ def build(cls: type, values: dict[str, Any]) -> Any:
     kwargs = {}
     for name, (tp, _) in fields_of(cls).items():
         if name in values:
-            kwargs[name] = build(tp, values[name]) if dataclasses.is_dataclass(tp) else values[name]
+            value = values[name]
+            kwargs[name] = build(tp, value) if dataclasses.is_dataclass(tp) else \
+                dict(value) if isinstance(value, Mapping) else value
     return cls(**kwargs)

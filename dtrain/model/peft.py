@@ -29,7 +29,7 @@ class PeftTask(Protocol):
 
     name: str
     head_module: str
-    peft_task_type: str
+    peft_task_type: str | None
     sequence_level: bool
 
 
@@ -82,7 +82,7 @@ def _apply_freezing(model: torch.nn.Module, cfg: Any, task: PeftTask) -> None:
         _freeze(base.embeddings)
     for layer in base.encoder.layer[:cfg.freeze_layers]:
         _freeze(layer)
-    getattr(model, head_name(task)).requires_grad_(True)
+    model.get_submodule(head_name(task)).requires_grad_(True)
 
 
 def _apply_bitfit(model: torch.nn.Module, task: PeftTask) -> None:

@@ -24,6 +24,7 @@ from dtrain.data.shards import ShardError
 from dtrain.errors import DtrainError
 
 FEATURES = [("input_ids", pa.list_(pa.int32())), ("token_type_ids", pa.list_(pa.int8())), ("length", pa.int32())]
+PROMPT_KEYS = ("template", "verbalizer", "prompt_lm_weight")  # task settings only the prompt task reads
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -72,6 +73,10 @@ class Task:
     counts_per_label = True  # labels.json counts name the labels (ner counts entity types)
     input_suffixes = TABLE_SUFFIXES | JSONL_SUFFIXES | CONLL_SUFFIXES
     predict_offsets = False  # predict_encode keeps each token's character offsets (to decode spans of the text)
+    prepares = True  # `dtrain prepare finetune --task NAME` makes its data (prompt: the data is classification's)
+    has_pairs = False  # data prepared for it has a text pair in every row
+    label_rows = True  # the head has one row of weights per label (init_from with new labels grows it)
+    batch_fields: tuple[str, ...] = ()  # per-row integers of predict_encode's output that the batches carry
 
     def trains_on(self, prepared: str) -> bool:
         """Whether a model of this task trains on (and evaluates) data prepared for task `prepared`."""
@@ -84,6 +89,29 @@ class Task:
         from dtrain.tasks.registry import get_task
 
         return get_task, (self.name,)
+
+    def bind(self, options: Any, tokenizer: Any, labels: Sequence[str], pairs: bool, max_seq_len: int,
+             where: str = "task.{key}", data: str = "data.train") -> Task:
+        """This run's task: the registry's instance with the run's own task settings (`options`: the task config
+        section, or a model's saved ones) built in; a task without such settings is itself (prompt: its template and
+        verbalizer in token ids)."""
+        stray = [k for k in PROMPT_KEYS if getattr(options, k, None)]
+        if stray:
+            raise DtrainError(f"{where.format(key=stray[0])} is set, but task {self.name} does not use it (a cloze "
+                              f"prompt is task.type=prompt); remove it, or set task.type=prompt")
+        return self
+
+    def saved_options(self, config: dict[str, Any]) -> Any:
+        """The settings `bind` needs, as an exported model of this task keeps them in its config.json; None: none."""
+        return None
+
+    def saved_config(self) -> dict[str, Any]:
+        """Entries of the model's config.json that keep this run's task settings (what saved_options reads)."""
+        return {}
+
+    def check_loaded(self, source: str, fresh: Sequence[str], preset: bool) -> None:
+        """Refuse a checkpoint whose weights lack what the task cannot start without (`fresh`: weights that start
+        from random values; preset: a random init the user asked for)."""
 
     # -- prepare: rows, labels, features ----------------------------------------------------------------------------
 
@@ -148,6 +176,10 @@ class Task:
 
     # -- collation --------------------------------------------------------------------------------------------------
 
+    def inputs(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The model inputs of shard samples, before padding (prompt: the template around the text)."""
+        return samples
+
     def targets(self, samples: list[dict[str, Any]], pad: np.ndarray, width: int, num_labels: int) -> dict:
         """The batch's targets; padding repeats (pad) get ignored ones so they add nothing to the loss."""
         labels = np.array([int(s["label"]) for s in samples], dtype=np.int64)
@@ -184,6 +216,15 @@ class Task:
 
     def loss_terms(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], head: Any) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], head: Any) -> dict[str, torch.Tensor]:
+        """The training objective's summed terms (the loss terms of the forward's outputs; a task may add terms)."""
+        return self.loss_terms(self.forward(model, batch), batch, head)
+
+    def for_training(self) -> Task:
+        """The task as the training side sees it (the same unless training adds terms evaluation has not: the
+        prompt task's auxiliary MLM loss); its collator and head are the training stream's."""
+        return self
 
     def counts(self, batch: dict[str, torch.Tensor], head: Any) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -63,3 +63,4 @@ class Pair(Classification):
 
     name = "pair"
     also_fits = ()
+    has_pairs = True

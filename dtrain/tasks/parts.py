@@ -15,6 +15,7 @@ from dtrain.errors import DtrainError
 from dtrain.model import adapters, peft
 from dtrain.model.bert import load_model
 from dtrain.model.heads import export_dir_of, grow_head
+from dtrain.model.source import preset_of
 from dtrain.tasks.base import Task, check_class_weights, pad_2d
 from dtrain.tasks.registry import SEQUENCE_TASKS, TASKS, get_task
 
@@ -37,7 +38,7 @@ class Head:
         return self.task.loss_terms(logits, batch, self)
 
     def losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.loss_terms(self.forward(model, batch), batch)
+        return self.task.losses(model, batch, self)
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Targets per loss term (class-weighted for weighted classification, so the loss is a weighted mean)."""
@@ -58,6 +59,7 @@ class FinetuneCollator:
         self.task, self.pad_id, self.num_labels, self.multiple = get_task(task), pad_id, num_labels, pad_to_multiple_of
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        samples = self.task.inputs(samples)
         lengths = np.array([len(s["input_ids"]) for s in samples])
         width = -(-int(lengths.max()) // self.multiple) * self.multiple
         pad = np.array([bool(s["pad"]) for s in samples])
@@ -75,8 +77,12 @@ def task_model(task: str | Task, name_or_path: str, labels: Sequence[str], dropo
 
     task = get_task(task)
     task.check_model_labels(labels)
-    return load_model(getattr(transformers, task.hf_class), name_or_path, dropout, attn_implementation,
-                      **task.model_config(labels))
+    model, fresh = load_model(getattr(transformers, task.hf_class), name_or_path, dropout, attn_implementation,
+                              **task.model_config(labels))
+    task.check_loaded(name_or_path, fresh, preset_of(name_or_path) is not None)
+    for key, value in task.saved_config().items():  # (not from_pretrained keywords: those it gives the model class)
+        setattr(model.config, key, value)
+    return model, fresh
 
 
 def init_from_run(task: str | Task, path: str, labels: Sequence[str], extend: bool, dropout: float | None = None,
@@ -96,7 +102,7 @@ def _init_from_run(task: Task, path: str, labels: Sequence[str], extend: bool, d
     if arch != task.hf_class:
         raise DtrainError(f"model.init_from={path}: it is a {arch}, but task {task.name} needs {task.hf_class}; "
                           f"init from a run of the same task")
-    if not task.named_labels:
+    if not task.named_labels or not task.label_rows:
         return task_model(task, str(source), labels, dropout, attn_implementation)
     old = [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))]
     if old == list(labels):

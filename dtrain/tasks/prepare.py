@@ -33,6 +33,10 @@ def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
     (for qa also examples.jsonl: id, question, context, answers, to turn predicted spans back into text)."""
     if task is not None and task not in TASKS:
         raise ShardError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if task is not None and not TASKS[task].prepares:
+        made_by = ", ".join(TASKS[task].also_fits)
+        raise ShardError(f"--task {task}: its data is prepared as {made_by} (the task applies when training); pass "
+                         f"--task {TASKS[task].also_fits[0]} or leave --task out")
     check_workers(workers)
     if max_seq_len < MIN_SEQ_LEN:  # before any work (the upper bound needs the tokenizer: below)
         check_prepare_len(max_seq_len, None, tokenizer, None)

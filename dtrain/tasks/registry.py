@@ -10,10 +10,12 @@ from dtrain.tasks.base import Task
 from dtrain.tasks.classification import Classification, Pair
 from dtrain.tasks.multilabel import MultiLabel
 from dtrain.tasks.ner import Ner
+from dtrain.tasks.prompt import PromptTask
 from dtrain.tasks.qa import Qa
 from dtrain.tasks.regression import Regression
 
-TASKS: dict[str, Task] = {t.name: t for t in (Classification(), Pair(), MultiLabel(), Regression(), Ner(), Qa())}
+TASKS: dict[str, Task] = {t.name: t for t in (Classification(), Pair(), MultiLabel(), Regression(), Ner(), Qa(),
+                                            PromptTask())}
 ALIASES = {"token_classification": "ner", "question_answering": "qa"}
 SEQUENCE_TASKS = tuple(name for name, t in TASKS.items() if t.sequence_level)
 
@@ -29,14 +31,16 @@ def get_task(name: str | Task) -> Task:
 
 
 def resolve_task(configured: str | None, prepared: str, source: str) -> str:
-    """The data task of a run: the training set's labels.json task, checked against task.type when that is set."""
+    """The task of a run: the training set's labels.json task, checked against task.type when that is set; a
+    configured task that trains another model on that data (prompt on classification data) is the run's task."""
     if configured is None:
         return prepared
     want = TASKS.get(ALIASES.get(configured, configured))
     if want is None or not want.trains_on(prepared):
         raise DtrainError(f"task.type={configured}, but {source} was prepared for task {prepared!r}; set task.type to "
                           f"{prepared} (or null), or prepare the data with --task")
-    return prepared
+    data_task = TASKS.get(prepared)  # the data's own task where it trains the same model (pair: classification's)
+    return prepared if data_task is not None and data_task.hf_class == want.hf_class else want.name
 
 
 def infer_task(first_row: tuple, has_pair: bool) -> Task:

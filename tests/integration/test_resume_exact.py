@@ -26,6 +26,9 @@ CASES = [  # (task, engine, ranks, data.num_workers, more overrides)
     ("finetune", "ddp", 1, 2, ()),
     ("finetune", "zero2", 2, 0, ()),
     ("finetune", "ddp", 1, 0, ("peft.method=adapter", "peft.adapter_variant=pfeiffer")),  # frozen base, dropout on
+    ("finetune", "zero2", 2, 2, ("task.type=prompt", "task.template={text} it was [MASK].",  # workers: the prompt
+                                 "task.verbalizer={pos: [new], neg: [first]}",              # pickled with the task;
+                                 "task.prompt_lm_weight=0.2")),                             # MLM masks as resumed
 ]
 
 
@@ -46,7 +49,8 @@ def _args(task, corpus_data, sentiment, tokenizer_dir, run_dir, engine, workers,
 
 
 @pytest.mark.parametrize(("task", "engine", "ranks", "workers", "more"), CASES,
-                         ids=[f"{t}-{e}-{r}rank-{w}workers" + ("-adapter" if m else "") for t, e, r, w, m in CASES])
+                         ids=[f"{t}-{e}-{r}rank-{w}workers" + (f"-{m[0].split('=')[1]}" if m else "")
+                              for t, e, r, w, m in CASES])
 def test_a_stopped_and_resumed_run_equals_the_straight_one_with_dropout(task, engine, ranks, workers, more,
                                                                         corpus_data, sentiment, tokenizer_dir,
                                                                         tmp_path):

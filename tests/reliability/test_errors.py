@@ -36,7 +36,7 @@ CUDA = torch.cuda.is_available()
 
 @dataclass(frozen=True)
 class Case:
-    category: str  # config, run, data, checkpoint, outputs, concurrency, launch
+    category: str  # config, run, data, checkpoint, outputs, concurrency, launch, model, labels, prompt
     name: str
     command: tuple[str, ...]
     message: str  # the whole stderr line
@@ -53,6 +53,8 @@ PRETRAIN = (PY, "-m", "dtrain.pretrain", "--config", "configs/pretrain/debug.yam
 FINETUNE = (PY, "-m", "dtrain.finetune", "--config", "configs/finetune/debug.yaml", "data.train={train}",
             "data.eval=null", "data.test=null", "model.tokenizer={tokenizer}", "run_dir={new_run}",
             "data.max_seq_len=32", "logging.progress_bar=false", "logging.tensorboard=false")
+PROMPT = (*FINETUNE, "task.type=prompt", "task.template={{text}} It was [MASK].",
+          "task.verbalizer={{pos: [new], neg: [first]}}")
 PREPARE_FT = (*DTRAIN, "prepare", "finetune", "--out", "{files}/prepared", "--tokenizer", "{tokenizer}",
               "--workers", "1")
 E = "dtrain: error: "
@@ -74,7 +76,7 @@ CASES = [
     Case("config", "unknown-task", (*DTRAIN, "config", "show", "--config", "configs/finetune/debug.yaml",
                                     "task.type=sentiment"),
          E + "task.type: expected one of 'classification', 'pair', 'multilabel', 'regression', 'ner', 'qa', "
-             "'token_classification', 'question_answering', got sentiment (command-line override "
+             "'prompt', 'token_classification', 'question_answering', got sentiment (command-line override "
              "task.type=sentiment)"),
     Case("config", "missing-config-file", (*FINETUNE, "run_dir={run_dir}", "--config", "{files}/sentiment.yaml"),
          E + "config file <files>/sentiment.yaml not found; pass an existing YAML file to --config"),
@@ -184,6 +186,35 @@ CASES = [
          E + "<gpt_checkpoint>/config.json: model_type 'gpt2' (GPT2LMHeadModel) is not BERT; dtrain trains BERT "
              "models (model_type bert: BERT, MiniLM and other BERT-architecture checkpoints); point model.name_or_path "
              "at a BERT checkpoint"),
+    Case("model", "adapter-model-not-bert", (*FINETUNE, "peft.method=adapter", "model.name_or_path={gpt_checkpoint}"),
+         E + "<gpt_checkpoint>/config.json: model_type 'gpt2' (GPT2LMHeadModel) is not BERT; dtrain trains BERT "
+             "models (model_type bert: BERT, MiniLM and other BERT-architecture checkpoints); point model.name_or_path "
+             "at a BERT checkpoint"),
+    Case("prompt", "prompt-template-without-mask", (*PROMPT, "task.template={{text}} It was great."),
+         E + "task.template='{text} It was great.' has no [MASK]: the label is read at one mask; write exactly one, "
+             'e.g. task.template="{text} It was [MASK]."'),
+    Case("prompt", "prompt-template-without-text", (*PROMPT, "task.template=It was [MASK]."),
+         E + "task.template='It was [MASK].' has no {text} slot: the text must go into the prompt, e.g. "
+             'task.template="{text} It was [MASK]."'),
+    Case("prompt", "prompt-label-without-word", (*PROMPT, "task.verbalizer={{pos: [new]}}"),
+         E + "task.verbalizer has no word for label 'neg' of data.train (labels: ['neg', 'pos']); add `neg: [word]` "
+             "to it"),
+    Case("prompt", "prompt-word-of-several-pieces", (*PROMPT, "task.verbalizer={{pos: [new], neg: [growing]}}"),
+         E + "task.verbalizer: 'growing' (label 'neg') is 5 word pieces for this tokenizer (g, ##r, ##o, ##w, ##ing); "
+             "use a word that is one piece: the mask predicts one piece"),
+    Case("prompt", "prompt-model-without-mlm-head",
+         (*DTRAIN, "evaluate", "--model", "{run_dir}", "--data", "{dev}", "--prompt", "{files}/prompt.yaml"),
+         E + "<run_dir>/export has no trained MLM head (cls.predictions.transform is not in its weights), and a "
+             "prompt task scores the verbalizer words with it; continue pretraining it first (python -m "
+             "dtrain.pretrain, e.g. configs/pretrain/minilm_bbc_mlm.yaml) and use that run's export",
+         files={"prompt.yaml": 'template: "{text} It was [MASK]."\nverbalizer: {pos: [new], neg: [first]}\n'}),
+    Case("prompt", "prompt-keys-without-prompt-task", (*FINETUNE, "task.template={{text}} It was [MASK]."),
+         E + "task.template is set, but task classification does not use it (a cloze prompt is task.type=prompt); "
+             "remove it, or set task.type=prompt"),
+    Case("prompt", "prepare-for-prompt", (*PREPARE_FT, "--task", "prompt", "{files}/rows.jsonl"),
+         E + "--task prompt: its data is prepared as classification, pair (the task applies when training); pass "
+             "--task classification or leave --task out",
+         files={"rows.jsonl": '{"text": "a b", "label": "pos"}\n{"text": "c d", "label": "neg"}\n'}),
     Case("model", "tokenizer-without-vocabulary",
          (*DTRAIN, "prepare", "pretrain", "{corpus}", "--out", "{files}/prepared", "--tokenizer", "{files}/tok",
           "--workers", "1"),
