@@ -53,6 +53,7 @@ def load_finetuned(path: str | Path, prompt: str | Path | None = None
         kind = get_task("prompt")
         model, fresh = load_model(getattr(transformers, kind.hf_class), str(source))
         kind.check_loaded(str(source), fresh, False)
+        model = adapters.load(model, source)  # (an adapter-trained prompt export keeps its adapters)
         labels = [str(k) for k in options.verbalizer] if isinstance(options.verbalizer, dict) else []
         return model, tok, kind, labels, options
     kind = task_of_model(config)
@@ -65,7 +66,11 @@ def load_finetuned(path: str | Path, prompt: str | Path | None = None
     model = adapters.load(model, source)  # an export's bottleneck adapters, when it has them
     names = model.config.id2label
     labels = [names[i] for i in range(len(names))] if kind.named_labels else []
-    return model, tok, kind, labels, kind.saved_options(config)
+    options = kind.saved_options(config)
+    if options is None and kind.needs_settings:  # (a plain BertForMaskedLM: no template saved)
+        raise DtrainError(f"{source}: a {arch} without dtrain's saved task settings (not an export of `dtrain "
+                          f"finetune`); pass --prompt FILE to use it as a zero-shot cloze prompt classifier")
+    return model, tok, kind, labels, options
 
 
 def _bind(kind: Task, options: Any, tok: Any, labels: list[str], pairs: bool, max_seq_len: int,
@@ -182,10 +187,10 @@ def evaluate(model_path: str, data_path: str, batch_size: int = 32, threshold: f
     prepared = LabelMap.load(Path(data_path))
     if prompt is not None:  # zero-shot: the data's labels, in its order (the verbalizer must cover them)
         labels = prepared.labels
+    expected = LabelMap(prepared.task if kind.trains_on(prepared.task) else kind.name, labels)
+    prepared.check_same(expected, f"--data {data_path}")  # (before the prompt is checked against its labels)
     task = _bind(kind, options, tok, labels, get_task(prepared.task).has_pairs, model.config.max_position_embeddings,
                  prompt, model_path, f"--data {data_path}")
-    expected = LabelMap(prepared.task if task.trains_on(prepared.task) else task.name, labels)
-    prepared.check_same(expected, f"--data {data_path}")
     head = Head(task)
     loader = StreamLoader(StreamingDataset(data, batch_size, shuffle=False, drop_last=False, rank=0, world_size=1),
                           FinetuneCollator(task, tok.pad_token_id, len(labels)), num_workers=0)

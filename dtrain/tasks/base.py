@@ -75,6 +75,7 @@ class Task:
     predict_offsets = False  # predict_encode keeps each token's character offsets (to decode spans of the text)
     prepares = True  # `dtrain prepare finetune --task NAME` makes its data (prompt: the data is classification's)
     has_pairs = False  # data prepared for it has a text pair in every row
+    needs_settings = False  # bind needs task settings (a model without them saved cannot predict)
     label_rows = True  # the head has one row of weights per label (init_from with new labels grows it)
     batch_fields: tuple[str, ...] = ()  # per-row integers of predict_encode's output that the batches carry
 

@@ -88,7 +88,7 @@ class Prompt:
     def encode_spans(self, a: Sequence[int], b: Sequence[int] | None,
                      max_len: int | None = None) -> tuple[list[int], int, list[int]]:
         """encode, and the positions of the text's (and pair's) tokens (where the auxiliary MLM loss may mask)."""
-        room = (max_len or self.max_seq_len) - self.fixed
+        room = max((max_len or self.max_seq_len) - self.fixed, 0)
         a, b = list(a), list(b or [])
         while len(a) + len(b) > room:  # longest first, from the end
             (a if len(a) >= len(b) else b).pop()
@@ -221,7 +221,16 @@ def read_prompt_file(path: str | Path) -> SimpleNamespace:
     if not isinstance(raw, dict) or "template" not in raw or "verbalizer" not in raw:
         raise PromptError(f"--prompt {path}: needs the keys template and verbalizer (e.g. template: \"{{text}} It "
                           f"was [MASK].\" and verbalizer: {{positive: [great], negative: [terrible]}})")
-    return SimpleNamespace(template=raw["template"], verbalizer=raw["verbalizer"])
+    if not isinstance(raw["template"], str):
+        raise PromptError(f"--prompt {path}: template must be text, e.g. \"{{text}} It was [MASK].\"; got "
+                          f"{raw['template']!r}")
+    verbalizer = raw["verbalizer"]
+    bad = [k for k, v in verbalizer.items() if not isinstance(v, (str, list))] if isinstance(verbalizer, dict) else []
+    if not isinstance(verbalizer, dict) or bad:
+        raise PromptError(f"--prompt {path}: verbalizer must map each label to a word or a list of words, e.g. "
+                          f"{{positive: [great], negative: [terrible]}}; got {verbalizer!r} (YAML reads yes/no/on/off "
+                          f"keys as true/false: quote them)")
+    return SimpleNamespace(template=raw["template"], verbalizer=verbalizer)
 
 
 def _masked_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -240,6 +249,7 @@ class PromptTask(Classification):
     peft_task_type = None
     sequence_level = False  # soft prompts (peft prompt tuning) would shift the mask position: refused
     prepares = False
+    needs_settings = True  # a template and a verbalizer
     label_rows = False  # a label is its verbalizer words: no weights of its own
     batch_fields = ("mask_position",)
 

@@ -193,3 +193,22 @@ def test_the_auxiliary_mlm_loss_masks_only_text_tokens_on_the_training_side(tok)
     expected = torch.nn.functional.cross_entropy(logits, tensors["lm_labels"][torch.as_tensor(chosen)],
                                                  reduction="sum")
     assert torch.allclose(terms["lm"], 0.5 * expected, rtol=1e-5)
+
+
+def test_bad_prompt_files_and_a_plain_mlm_without_a_prompt_are_one_line(tok, tmp_path):
+    from transformers import BertForMaskedLM
+
+    from dtrain.model.presets import preset_config
+    from dtrain.predict import load_finetuned
+
+    for text, shown in (("template: 5\nverbalizer: {pos: new}\n", "template must be text"),
+                        ("template: '{text} [MASK]'\nverbalizer: {pos: 1}\n", "verbalizer must map each label")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(PromptError, match=shown):
+            read_prompt_file(bad)
+    plain = tmp_path / "mlm"
+    BertForMaskedLM(preset_config("tiny", vocab_size=tok.vocab_size)).save_pretrained(str(plain))
+    tok.save_pretrained(str(plain))
+    with pytest.raises(DtrainError, match=r"a BertForMaskedLM without dtrain's saved task settings .* pass --prompt"):
+        load_finetuned(plain)
