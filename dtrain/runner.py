@@ -266,7 +266,9 @@ def _first_line(e: BaseException) -> str:
 
 def _error(message: str, status: int) -> int:
     """The one line on stderr; status.json says failed with the same line if this run had started."""
-    print(f"dtrain: error: {message}", file=sys.stderr)
+    # one write of the whole line: print() writes the text and the newline apart, and two ranks' lines interleaved
+    sys.stderr.write(f"dtrain: error: {message}\n")
+    sys.stderr.flush()
     _RUN.fail(message)
     return status
 
