@@ -56,6 +56,9 @@ class DataConfig:
     whole_word_masking: bool = opt(False, "Mask all WordPiece pieces of a word together")
     max_predictions_per_seq: int = opt(20, "Cap on masked positions per sequence", ge=1)
     nsp_probability: float = opt(0.5, "Fraction of NSP pairs whose second segment is the true next one", ge=0, le=1)
+    eval_extra: dict[str, str] | None = opt(None, "Fine-tuning: more prepared sets by name, e.g. {movies: "
+                                                  "data/sentiment_en/test}, evaluated with data.eval and on the final "
+                                                  "model (report.json extra; never used to pick the model)")
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,27 @@ class PeftConfig:
 
 
 @dataclass(frozen=True)
+class ContinualConfig:
+    replay_fraction: float = opt(0.0, "Replayed old samples per new training sample in every epoch (a fixed seeded "
+                                      "sample of what model.init_from trained on, or of replay_data); 0 = off", ge=0,
+                                 le=10)
+    replay_data: str | None = opt(None, "The prepared set to replay (default: what model.init_from's run trained on)")
+    distill_weight: float = opt(0.0, "Learning without forgetting: weight of T²·KL(the frozen model.init_from model ‖ "
+                                     "this one) on the new batches; 0 = off", ge=0)
+    temperature: float = opt(2.0, "Softmax temperature of continual.distill_weight's soft targets", gt=0)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str | None = opt(None, "Knowledge distillation: a fine-tuned run dir or export (same task, labels, "
+                                    "tokenizer) whose soft predictions the model learns")
+    alpha: float = opt(0.5, "Weight of the label loss; the teacher's T²·KL term gets 1 - alpha", ge=0, le=1)
+    temperature: float = opt(2.0, "Softmax temperature of the teacher's soft targets", gt=0)
+    student_layers: list[int] | None = opt(None, "Student = the teacher with only these encoder layers (0-based, "
+                                                 "e.g. [0, 2, 4]); null: model.name_or_path or model.init_from")
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = opt("dtrain", "Run name (used in logs)")
     seed: int = opt(42, "Seed for model init, data order and masking", ge=0, le=2 ** 32 - 1)
@@ -198,6 +222,8 @@ class Config:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -319,6 +345,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
     if p.offload_params and p.zero_stage != 3:
         raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
+    c, d, init = cfg.continual, cfg.distill, cfg.model.init_from
+    for wrong, message in [
+        (c.distill_weight and d.teacher, "continual.distill_weight and distill.teacher both set a teacher; use one"),
+        (c.distill_weight and not init, "continual.distill_weight distils from the model.init_from model; set "
+                                        "model.init_from (or use distill.teacher)"),
+        (c.replay_fraction and not (init or c.replay_data), "continual.replay_fraction replays the data of the "
+                                                            "model.init_from run; set model.init_from or "
+                                                            "continual.replay_data"),
+        (d.student_layers is not None and not d.teacher, "distill.student_layers builds the student from "
+                                                         "distill.teacher's layers; set distill.teacher"),
+        (d.student_layers is not None and init, "distill.student_layers and model.init_from both say where the "
+                                                "student starts; use one")]:
+        if wrong:
+            raise ConfigError(message)
     if cfg.parallel.engine == "ddp" and cfg.parallel.zero_stage != 0:
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage} needs parallel.engine=deepspeed (DDP has no "
                           f"ZeRO); set parallel.engine=deepspeed or parallel.zero_stage=0")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from dtrain.data.shards import ShardedDataset
-from dtrain.tasks import Head
+from dtrain.tasks import Head, LabelMap
 
 Record = tuple  # (dataset index, task-specific arrays ...)
 Batch = dict[str, Any]
@@ -89,6 +89,13 @@ class Evaluator:
         self.head, self.task, self.labels, self.data = head, head.task, list(labels), data  # task: a Task
         self.threshold, self.n_best, self.max_answer_length = threshold, n_best, max_answer_length
 
+    @classmethod
+    def of(cls, head: Head, labels: LabelMap, data: ShardedDataset, key: str, options: Any) -> Evaluator:
+        """An evaluator of `data` (the config key that names it: `key`), checked to use the training set's label
+        map; `options`: the task config section (threshold, n_best, max_answer_length)."""
+        LabelMap.load(data.path).check_same(labels, key)
+        return cls(head, labels.labels, data, options.threshold, options.n_best, options.max_answer_length)
+
     def _records(self, logits: torch.Tensor, batch: Batch) -> list[Record]:
         keep = (~batch["pad"]).nonzero().flatten().tolist()
         return self.task.records(logits.detach().cpu().numpy(), batch, keep)
@@ -111,6 +118,24 @@ class Evaluator:
     def scalars(self, engine: Any, loader: Iterable[Batch]) -> dict[str, float]:
         """The report's scalar metrics (what the loop logs and early stopping reads)."""
         return scalar_metrics(self.report(*self.collect(engine, loader)))
+
+
+def final_reports(trainer: Any, evaluators: dict[str, Evaluator], streams: dict[str, Any], titles: dict[str, str],
+                  is_main: bool) -> dict[str, dict[str, Any]]:
+    """The full report of the model the trainer ended with on each set named in `titles` that has an evaluator and a
+    stream: logged (TensorBoard under its name) and printed on rank 0 (titled `titles[name]`)."""
+    from dtrain.metrics import format_report
+
+    reports = {}
+    for name in [n for n in titles if n in evaluators and n in streams]:
+        evaluator = evaluators[name]
+        with trainer.engine.evaluating():
+            reports[name] = evaluator.report(*evaluator.collect(trainer.engine, streams[name]))
+        trainer.logger.eval(trainer.model_step, scalar_metrics(reports[name]), prefix=name)
+        if is_main:
+            print(format_report(reports[name], f"{titles[name]} {evaluator.data.path}, model of step "
+                                               f"{trainer.model_step}"))
+    return reports
 
 
 def scalar_metrics(report: dict[str, Any]) -> dict[str, float]:

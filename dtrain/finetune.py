@@ -15,15 +15,15 @@ from dtrain.config import Config
 from dtrain.data.shards import ShardedDataset
 from dtrain.distributed import DistEnv
 from dtrain.errors import DtrainError
-from dtrain.evaluation import Evaluator, scalar_metrics
+from dtrain.evaluation import Evaluator, final_reports, scalar_metrics
 from dtrain.files import write_atomic
 from dtrain.logging import training_flops_per_token
-from dtrain.metrics import format_report
+from dtrain.methods import distill, replay
 from dtrain.model.bert import fresh_summary
 from dtrain.model.bounds import check_finetune_lengths
 from dtrain.model.peft import trainable_summary
 from dtrain.model.source import origin, origin_line
-from dtrain.tasks import FinetuneCollator, Head, LabelMap, apply_peft, get_task, init_from_run, resolve_task, task_model
+from dtrain.tasks import FinetuneCollator, Head, LabelMap, apply_peft, get_task, resolve_task
 from dtrain.trainer import Objective, Trainer
 
 SELECTION = ("the model tested and exported is the best evaluation after training started (step > 0; ties: the "
@@ -43,53 +43,53 @@ def describe(cfg: Config, env: DistEnv, tokenizer: Any, data: dict[str, ShardedD
     labels = LabelMap.load(Path(cfg.data.train))
     task = get_task(cfg.task.type).bind(cfg.task, tokenizer, labels.labels, get_task(labels.task).has_pairs,
                                         cfg.data.max_seq_len)  # a prompt: its template and verbalizer built in
-    if cfg.model.init_from:
-        model, fresh = init_from_run(task, cfg.model.init_from, labels.labels, cfg.task.extend_labels,
-                                     cfg.model.dropout, cfg.model.attn_implementation)
-    else:
-        model, fresh = task_model(task, cfg.model.name_or_path, labels.labels, cfg.model.dropout,
-                                  cfg.model.attn_implementation)
+    teacher = distill.teacher_for(cfg, task, labels.labels, tokenizer, env.device)  # frozen; None without one
+    model, fresh = distill.student(cfg, task, labels.labels, teacher)  # the teacher's layers, init_from or a checkpoint
     flops, model_config = training_flops_per_token(model.config, cfg.data.max_seq_len, 0.0), model.config  # pre-PEFT
     model = apply_peft(model, cfg.peft, task)
+    opened = {**data, **{f"extra/{k}": runner.open_data(cfg, p, f"data.eval_extra.{k}", tokenizer)
+                         for k, p in (cfg.data.eval_extra or {}).items()}}
+    mixed = replay.mix_replay(cfg, data["train"], labels, lambda p, key: runner.open_data(cfg, p, key, tokenizer))
     if env.is_main:
-        print(f"dtrain: model {cfg.model.init_from or cfg.model.name_or_path} for {task.name}: {fresh_summary(fresh)}; "
-              f"{trainable_summary(model)}" + ("" if cfg.model.init_from else
-                                               f"\ndtrain: {origin_line(cfg.model.name_or_path)}"), file=sys.stderr)
-    head, trains = (Head(t, cfg.task.class_weights, cfg.task.label_smoothing, len(labels.labels))
-                    for t in (task, task.for_training()))  # (the training side may add terms: prompt's MLM loss)
-    multiple = 8 if env.device.type == "cuda" else 1  # widths of 8k suit tensor cores; a CPU: only more work (+25%)
-    collate = {h.task: FinetuneCollator(h.task, tokenizer.pad_token_id, len(labels.labels), multiple)
-               for h in (head, trains)}
-    evaluators = {}
-    for split in ("eval", "test"):
-        if split in data:
-            LabelMap.load(Path(getattr(cfg.data, split))).check_same(labels, f"data.{split}")
-            evaluators[split] = Evaluator(head, labels.labels, data[split], cfg.task.threshold, cfg.task.n_best,
-                                          cfg.task.max_answer_length)
-    check_finetune_lengths(model_config, {f"data.{k}": v for k, v in data.items()})
+        source = runner.weights_source(cfg)
+        lines = [f"model {source} for {task.name}: {fresh_summary(fresh)}; {trainable_summary(model)}",
+                 *([origin_line(source)] if source == cfg.model.name_or_path else []),
+                 *(x.describe() for x in (teacher, mixed) if x)]  # a teacher, replay
+        print("\n".join(f"dtrain: {x}" for x in lines), file=sys.stderr)
+    head, trains = (Head(t, cfg.task.class_weights, cfg.task.label_smoothing, len(labels.labels), learns)  # training
+                    for t, learns in ((task, None), (task.for_training(), teacher)))  # adds prompt MLM, a teacher
+    collate = {h.task: FinetuneCollator(h.task, tokenizer.pad_token_id, len(labels.labels),  # widths of 8k suit
+                                        8 if env.device.type == "cuda" else 1) for h in (head, trains)}  # tensor cores
+    evaluators = {s: Evaluator.of(head, labels, d, f"data.{s}".replace("data.extra/", "data.eval_extra."), cfg.task)
+                  for s, d in opened.items() if s != "train"}
+    check_finetune_lengths(model_config, {f"data.{k}": v for k, v in opened.items()})
+    extras = [s for s in evaluators if s.startswith("extra/")]
 
-    def after_fit(trainer: Trainer, test: Any) -> dict[str, Any] | None:
+    def evaluate(engine: Any, streams: dict[str, Any]) -> dict[str, float]:  # data.eval picks; extras only watched
+        return {**evaluators["eval"].scalars(engine, streams["eval"]),
+                **{f"{s[6:]}/{k}": v for s in extras for k, v in evaluators[s].scalars(engine, streams[s]).items()}}
+
+    def after_fit(trainer: Trainer, streams: dict[str, Any]) -> dict[str, Any] | None:
         if trainer.interrupted:  # saved for a later resume: no test report and no export yet
             return None
         report = {"task": task.name, "steps": trainer.state.step, "model_step": trainer.model_step,
                   "metric": trainer.metric, "best": trainer.state.best, "best_step": trainer.state.best_step,
                   "baseline": trainer.state.baseline, "selection": SELECTION, "eval_history": trainer.state.history}
-        report["model"] = origin(cfg.model.init_from or cfg.model.name_or_path)
-        if test is not None:
-            evaluator = evaluators["test"]
-            with trainer.engine.evaluating():
-                report["test"] = evaluator.report(*evaluator.collect(trainer.engine, test))
-            trainer.logger.eval(trainer.model_step, scalar_metrics(report["test"]), prefix="test")
-            if env.is_main:
-                print(format_report(report["test"], f"test set {cfg.data.test}, model of step {trainer.model_step}"))
+        report["model"] = origin(runner.weights_source(cfg))
+        titles = {"test": "test set", **{s: f"data.eval_extra.{s[6:]}" for s in extras}}
+        reports = final_reports(trainer, evaluators, streams, titles, env.is_main)
+        if "test" in reports:
+            report["test"] = reports.pop("test")
+        report["extra"] = {k[6:]: v for k, v in reports.items()} or None
         if env.is_main:
             write_atomic(Path(cfg.run_dir) / "report.json", json.dumps(report, indent=1, default=float) + "\n")
-        return {"model_step": trainer.model_step, "test": scalar_metrics(report["test"]) if "test" in report else None}
+        return {"model_step": trainer.model_step, "test": scalar_metrics(report["test"]) if "test" in report else None,
+                "extra": {k: scalar_metrics(v) for k, v in (report["extra"] or {}).items()} or None}
 
-    return runner.Run(model, lambda dataset: collate[(trains if dataset is data["train"] else head).task],
-                      Objective(trains.losses, trains.counts), flops,
-                      metric=task.default_metric, keep_best=True, report=after_fit,
-                      evaluate=evaluators["eval"].scalars if "eval" in evaluators else None)
+    return runner.Run(model, lambda dataset: collate[(trains if dataset is (mixed or data["train"]) else head).task],
+                      Objective(trains.losses, trains.counts), flops, metric=task.default_metric, keep_best=True,
+                      report=after_fit, evaluate=evaluate if "eval" in evaluators else None,
+                      data={**opened, "train": mixed or data["train"]})  # (replayed rows mixed in)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

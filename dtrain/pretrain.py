@@ -41,7 +41,7 @@ def describe(cfg: Config, env: DistEnv, tokenizer: Any, data: dict[str, ShardedD
     objective = Objective(pretraining_losses, pretraining_counts)
     masked = min(d.max_predictions_per_seq, d.mlm_probability * d.max_seq_len) / d.max_seq_len
 
-    def report(trainer: Trainer, test: Any) -> None:
+    def report(trainer: Trainer, streams: Any) -> None:
         history = [h for h in trainer.state.history if "mlm_loss" in h]
         if env.is_main and len(history) >= 2:
             first, last = history[0], history[-1]
@@ -49,7 +49,8 @@ def describe(cfg: Config, env: DistEnv, tokenizer: Any, data: dict[str, ShardedD
                   f"(step {last['step']}); NSP loss {first['nsp_loss']:.4f} → {last['nsp_loss']:.4f}")
 
     return runner.Run(model, collate, objective, training_flops_per_token(model.config, d.max_seq_len, masked),
-                      metric="mlm_loss", evaluate=lambda engine, loader: evaluate_terms(engine, loader, objective),
+                      metric="mlm_loss",
+                      evaluate=lambda engine, streams: evaluate_terms(engine, streams["eval"], objective),
                       report=report)
 
 

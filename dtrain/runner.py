@@ -80,6 +80,8 @@ def run_dir_problem(cfg: Config) -> str | None:
     path = Path(cfg.run_dir)
     inputs = [(f"data.{k}", getattr(cfg.data, k)) for k in ("train", "eval", "test")]
     inputs += [(f"model.{k}", getattr(cfg.model, k)) for k in ("init_from", "name_or_path", "tokenizer")]
+    inputs += [(f"data.eval_extra.{k}", p) for k, p in (cfg.data.eval_extra or {}).items()]
+    inputs += [("continual.replay_data", cfg.continual.replay_data), ("distill.teacher", cfg.distill.teacher)]
     try:
         check_apart(path, [(name, p) for name, p in inputs if p and Path(p).exists()], f"run_dir={path}")
     except DtrainError as e:
@@ -88,6 +90,14 @@ def run_dir_problem(cfg: Config) -> str | None:
         return f"run_dir={path} is a file, not a folder; point run_dir at a new folder or an earlier run's folder"
     return place_problem(path, f"run_dir={path}", "the run dir", "point run_dir elsewhere",
                          "point run_dir at a folder you can write")
+
+
+def weights_source(cfg: Config) -> str:
+    """Where the model's weights start: distill.teacher (a student of its layers), model.init_from, or
+    model.name_or_path."""
+    if cfg.distill.student_layers is not None:
+        return cfg.distill.teacher
+    return cfg.model.init_from or cfg.model.name_or_path
 
 
 def open_data(cfg: Config, path: str | None, key: str, tokenizer: Any) -> ShardedDataset:
@@ -128,10 +138,14 @@ class Run:
     objective: Objective
     flops_per_token: float
     metric: str | None = None  # the default eval metric (eval.metric overrides it)
-    evaluate: Callable[[Any, StreamLoader], dict[str, float]] | None = None  # (engine, data.eval's stream) → metrics
+    evaluate: Callable[[Any, dict[str, StreamLoader]], dict[str, float]] | None = None  # (engine, the streams of
+    # every split but train) → metrics; runs when data.eval is set
     keep_best: bool = False  # test and export the best evaluation's model
-    report: Callable[[Trainer, StreamLoader | None], dict[str, Any] | None] | None = None  # after fit (also after
-    # an interruption: trainer.interrupted says which) with data.test's stream; returns status.json's extra fields
+    report: Callable[[Trainer, dict[str, StreamLoader]], dict[str, Any] | None] | None = None  # after fit (also after
+    # an interruption: trainer.interrupted says which) with the streams of every split but train; returns
+    # status.json's extra fields
+    data: dict[str, Any] | None = None  # the datasets streamed, by split, when not the opened ones (a training set
+    # with replayed rows mixed in; more evaluation sets)
 
 
 def main(argv: Sequence[str] | None, prog: str, describe: Callable[[Config, DistEnv, Any, dict], Run],
@@ -151,18 +165,21 @@ def main(argv: Sequence[str] | None, prog: str, describe: Callable[[Config, Dist
         data = {s: open_data(cfg, getattr(cfg.data, s), f"data.{s}", tokenizer) for s in splits
                 if s == "train" or getattr(cfg.data, s)}
         run = describe(cfg, env, tokenizer, data)
+        data = run.data or data
         streams = {s: stream(cfg, d, run.collate(d), env, train=s == "train") for s, d in data.items()}
         trainer = build_trainer(cfg, env, run, streams, tokenizer)
         trainer.resume(cfg.checkpoint.resume)
         # every check has passed: only now does the run dir change (a bad input leaves an earlier run as it was)
         if env.is_main:
             save_run_config(cfg)
+            write_atomic(Path(cfg.run_dir) / "data.json", json.dumps({s: d.record() for s, d in data.items()},
+                                                                     indent=1) + "\n")  # what it trained on
         trainer.logger.text("config", "```\n" + cfg.to_yaml() + "\n```")
         write_status(cfg, env, "running", trainer)
         trainer.fit()
         if trainer.interrupted:  # saved for a later resume
             write_status(cfg, env, trainer.interrupted, trainer)
-        extra = run.report(trainer, streams.get("test")) if run.report else None
+        extra = run.report(trainer, {s: x for s, x in streams.items() if s != "train"}) if run.report else None
         if not trainer.interrupted:
             write_status(cfg, env, "finished", trainer, **(extra or {}))
         clean = True
@@ -195,7 +212,7 @@ def build_trainer(cfg: Config, env: DistEnv, run: Run, streams: dict[str, Stream
     evaluate = None
     if run.evaluate is not None and "eval" in streams:
         def evaluate(engine):  # noqa: ANN001, ANN202
-            return run.evaluate(engine, streams["eval"])
+            return run.evaluate(engine, {s: x for s, x in streams.items() if s != "train"})
 
     eval_every = cfg.eval.every_steps or (steps_per_epoch(cfg, train) if evaluate else None)
     engine = build_engine(cfg, run.model, env, steps)
@@ -246,12 +263,12 @@ def write_status(cfg: Config, env: DistEnv, state: str, trainer: Trainer, **extr
         return
     status = {"state": state, "step": trainer.state.step, "total_steps": trainer.total_steps,
               "eval": trainer.state.history[-1] if trainer.state.history else None, **extra}
-    status["model"] = origin(cfg.model.init_from or cfg.model.name_or_path)  # random init is never silent
+    status["model"] = origin(weights_source(cfg))  # random init is never silent
     if state == "running":  # who runs it: a reader can tell a live run from one whose rank 0 was killed
         status.update(host=socket.gethostname(), pid=os.getpid())
     elif state == "finished":
         print(f"dtrain: finished at step {trainer.state.step}; "
-              f"{origin_line(cfg.model.init_from or cfg.model.name_or_path)}", file=sys.stderr)
+              f"{origin_line(weights_source(cfg))}", file=sys.stderr)
     try:
         write_atomic(Path(cfg.run_dir) / "status.json", json.dumps(status, default=float) + "\n")
     except OSError as e:  # e.g. the disk is full: the run's own error line says why; this one says what is missing

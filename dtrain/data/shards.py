@@ -200,6 +200,11 @@ class ShardedDataset:
         shard, row = self.locate(index)
         return {name: col.get(row) for name, col in self._shard(shard).items()}
 
+    def record(self) -> dict[str, Any]:
+        """What identifies this data later (a run's data.json): its absolute path, rows, manifest's sha256."""
+        digest = hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
+        return {"path": str(self.path.resolve()), "rows": len(self), "manifest_sha256": digest}
+
     def column(self, name: str) -> np.ndarray:
         """A scalar column over all shards (e.g. lengths, for bucketing)."""
         return np.concatenate([self._shard(i)[name].scalars for i in range(len(self.shards))])

@@ -124,8 +124,8 @@ class StreamingDataset(IterableDataset):
                  shuffle: bool = True, drop_last: bool = True, shuffle_block: int = 1 << 16,
                  bucket_window: int = 0, rank: int | None = None, world_size: int | None = None,
                  verify: str = "size", expect_fingerprint: str | None = None):
-        self.data = (path_or_data if isinstance(path_or_data, ShardedDataset)
-                     else ShardedDataset(path_or_data, verify=verify, expect_fingerprint=expect_fingerprint))
+        self.data = (ShardedDataset(path_or_data, verify=verify, expect_fingerprint=expect_fingerprint)
+                     if isinstance(path_or_data, (str, os.PathLike)) else path_or_data)  # or a mix (data/mix.py)
         if batch_size < 1:
             raise DtrainError(f"batch_size must be >= 1, got {batch_size}")
         r, w = _dist_rank_world()

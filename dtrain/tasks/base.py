@@ -78,6 +78,7 @@ class Task:
     needs_settings = False  # bind needs task settings (a model without them saved cannot predict)
     label_rows = True  # the head has one row of weights per label (init_from with new labels grows it)
     batch_fields: tuple[str, ...] = ()  # per-row integers of predict_encode's output that the batches carry
+    distills = True  # learns from a teacher's soft targets (distill_loss: a distribution over labels per target)
 
     def trains_on(self, prepared: str) -> bool:
         """Whether a model of this task trains on (and evaluates) data prepared for task `prepared`."""
@@ -219,8 +220,22 @@ class Task:
         raise NotImplementedError
 
     def losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], head: Any) -> dict[str, torch.Tensor]:
-        """The training objective's summed terms (the loss terms of the forward's outputs; a task may add terms)."""
-        return self.loss_terms(self.forward(model, batch), batch, head)
+        """The training objective's summed terms: the loss terms of the forward's outputs, and a teacher's term when
+        the head has one (a task may add more)."""
+        logits = self.forward(model, batch)
+        return {**self.loss_terms(logits, batch, head), **head.soft_terms(logits, batch)}
+
+    def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor, batch: dict[str, torch.Tensor],
+                     temperature: float) -> torch.Tensor:
+        """T²·KL(teacher ‖ student) of the temperature-softened distributions over the last axis, summed over the
+        targets (the positions whose label is not ignored: real samples; ner: first pieces of words)."""
+        keep = batch["labels"] != IGNORE
+        s = (student[keep].float() / temperature).log_softmax(-1)
+        t = (teacher[keep].float() / temperature).log_softmax(-1)
+        return temperature ** 2 * (t.exp() * (t - s)).sum()
+
+    def distill_count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["labels"] != IGNORE).sum()
 
     def for_training(self) -> Task:
         """The task as the training side sees it (the same unless training adds terms evaluation has not: the

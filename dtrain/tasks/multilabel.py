@@ -19,6 +19,7 @@ from dtrain.tasks.base import Task
 
 class MultiLabel(Task):
     name = "multilabel"
+    distills = False  # (no soft-target loss written yet)
     problem_type = "multi_label_classification"
     default_metric = "micro_f1"
     label_column = "labels"

@@ -22,14 +22,24 @@ from dtrain.tasks.registry import SEQUENCE_TASKS, TASKS, get_task
 
 class Head:
     """Loss and outputs of one task with this run's options. `losses`/`counts` form the trainer's Objective;
-    `forward` feeds evaluation and prediction."""
+    `forward` feeds evaluation and prediction. With a `teacher` (dtrain.methods.distill.Teacher: model, hard, soft,
+    temperature) the training loss is hard·(the task's terms) + a `distill` term: soft·T²·KL(teacher ‖ model)."""
 
     def __init__(self, task: str | Task, class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0,
-                 num_labels: int = 0):
+                 num_labels: int = 0, teacher: Any = None):
         self.task = get_task(task)
         check_class_weights(self.task, class_weights, num_labels)
         self.label_smoothing = label_smoothing
         self.weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.teacher = teacher
+
+    def soft_terms(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The teacher's term for the model's `logits` of `batch` (the teacher's forward: no gradients); {}."""
+        if self.teacher is None:
+            return {}
+        with torch.no_grad():
+            target = self.task.forward(self.teacher.model, batch)
+        return {"distill": self.teacher.soft * self.task.distill_loss(logits, target, batch, self.teacher.temperature)}
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.task.forward(model, batch)
@@ -38,11 +48,15 @@ class Head:
         return self.task.loss_terms(logits, batch, self)
 
     def losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.task.losses(model, batch, self)
+        terms = self.task.losses(model, batch, self)
+        if self.teacher is None or self.teacher.hard == 1:
+            return terms
+        return {k: v if k == "distill" else self.teacher.hard * v for k, v in terms.items()}
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Targets per loss term (class-weighted for weighted classification, so the loss is a weighted mean)."""
-        return self.task.counts(batch, self)
+        counts = self.task.counts(batch, self)
+        return {**counts, "distill": self.task.distill_count(batch)} if self.teacher is not None else counts
 
 
 class FinetuneCollator:

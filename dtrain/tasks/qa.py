@@ -122,6 +122,7 @@ def read_examples(path: str | Path) -> list[dict[str, Any]]:
 
 class Qa(Task):
     name = "qa"
+    distills = False  # (no soft-target loss written yet)
     hf_class = "BertForQuestionAnswering"
     default_metric = "f1"
     head_module = "qa_outputs"

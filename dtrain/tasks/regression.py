@@ -18,6 +18,7 @@ from dtrain.tasks.base import Task
 
 class Regression(Task):
     name = "regression"
+    distills = False  # (no soft-target loss written yet)
     problem_type = "regression"
     default_metric = "pearson"
     named_labels = False

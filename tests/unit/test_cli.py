@@ -42,7 +42,7 @@ def test_config_keys_lists_every_section(cli):
     assert result.returncode == 0
     sections = {line.split(".")[0] for line in result.stdout.splitlines() if "." in line.split()[0]}
     assert sections == {"model", "data", "optim", "schedule", "precision", "parallel", "checkpoint", "logging",
-                        "eval", "early_stopping", "task", "peft"}
+                        "eval", "early_stopping", "task", "peft", "continual", "distill"}
 
 
 def test_prepare_pretrain_and_finetune_from_the_command_line(cli, tmp_path, tokenizer_dir):
