@@ -83,7 +83,7 @@ def load_teacher(task: Task, path: str, key: str, labels: Sequence[str], tokeniz
         if theirs != list(labels):
             raise DtrainError(f"{key}={path}: its labels {theirs[:10]} are not data.train's {list(labels)[:10]}; a "
                               f"teacher predicts the same labels in the same order (prepare data.train with "
-                              f"--labels <the teacher's training set>)")
+                              f"--labels and the teacher's training set)")
     try:
         own = tokenizer_fingerprint(load_tokenizer(source, key))
     except TokenizerError as e:

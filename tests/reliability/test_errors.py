@@ -36,7 +36,8 @@ CUDA = torch.cuda.is_available()
 
 @dataclass(frozen=True)
 class Case:
-    category: str  # config, run, data, checkpoint, outputs, concurrency, launch, model, labels, prompt
+    category: str  # config, run, data, checkpoint, outputs, concurrency, launch, model, labels, prompt,
+    # continual
     name: str
     command: tuple[str, ...]
     message: str  # the whole stderr line
@@ -358,6 +359,30 @@ CASES = [
          "dtrain-slurm: error: DTRAIN_CONFIG=configs/finetune/sentiment.yaml: no such file (relative paths start at "
          "<repo>)",
          env={"DTRAIN_CONFIG": "configs/finetune/sentiment.yaml", "DTRAIN_RUN_DIR": "{run_dir}"}),
+    Case("continual", "teacher-with-other-labels",
+         (*FINETUNE, "data.train={three_labels}", "distill.teacher={run_dir}"),
+         E + "distill.teacher=<run_dir>: its labels ['neg', 'pos'] are not data.train's ['meh', 'neg', 'pos']; a "
+             "teacher predicts the same labels in the same order (prepare data.train with --labels and the "
+             "teacher's training set)"),
+    Case("continual", "teacher-with-other-tokenizer", (*FINETUNE, "distill.teacher={retokenized_teacher}"),
+         E + "distill.teacher=<retokenized_teacher>: its tokenizer (fingerprint <other_fingerprint>) is not the "
+             "run's (<fingerprint>): the same ids would mean other words; use a teacher trained with the run's "
+             "tokenizer (model.tokenizer)"),
+    Case("continual", "student-layers-out-of-range",
+         (*FINETUNE, "distill.teacher={run_dir}", "distill.student_layers=[0,7]"),
+         E + "distill.student_layers=[0, 7]: the teacher <run_dir> has 2 encoder layers, numbered 0..1; give "
+             "distinct layers in that range, e.g. [0]"),
+    Case("continual", "replay-source-gone", (*FINETUNE, "model.init_from={gone_run}", "continual.replay_fraction=0.5"),
+         E + "continual.replay_fraction: <gone_data>, which model.init_from=<gone_run> trained on, no longer exists "
+             "(or has no manifest.json); restore it, or set continual.replay_data to a copy"),
+    Case("continual", "replay-source-re-prepared",
+         (*FINETUNE, "model.init_from={reprepared_run}", "continual.replay_fraction=0.5"),
+         E + "continual.replay_fraction: <reprepared_data> no longer matches the manifest "
+             "model.init_from=<reprepared_run> trained on (re-prepared since: its manifest.json changed); restore "
+             "that data, or set continual.replay_data to replay the set as it is now"),
+    Case("continual", "lwf-without-init-from", (*FINETUNE, "continual.distill_weight=1"),
+         E + "continual.distill_weight distils from the model.init_from model; set model.init_from (or use "
+             "distill.teacher)"),
     Case("launch", "torchrun-nproc-not-a-number",
          (PY, "-m", "launch.torchrun", "dtrain.pretrain", "--config", "configs/pretrain/debug.yaml"),
          "launch.torchrun: error: DTRAIN_NPROC_PER_NODE='zero' is not a whole number; set it to an integer ≥ 1 or "
@@ -494,6 +519,48 @@ def relabelled(tmp_path_factory, train) -> Path:
     data = json.loads((path / "labels.json").read_text())
     (path / "labels.json").write_text(json.dumps({**data, "labels": ["neg", "unused", "pos"]}))
     return path
+
+
+@pytest.fixture(scope="session")
+def retokenized_teacher(tmp_path_factory, run_dir, other_tokenizer) -> Path:
+    """The finished run's export with another tokenizer's files: a teacher whose ids mean other words."""
+    path = Path(shutil.copytree(run_dir / "export", tmp_path_factory.mktemp("retokenized") / "export"))
+    for f in other_tokenizer.iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+def _run_copy_replaying(run_dir: Path, root: Path, data: Path) -> Path:
+    """A copy of the finished run whose data.json says it trained on `data`."""
+    run = Path(shutil.copytree(run_dir, root / "run"))
+    record = json.loads((run / "data.json").read_text())
+    record["train"] = {**record["train"], "path": str(data)}
+    (run / "data.json").write_text(json.dumps(record))
+    return run
+
+
+@pytest.fixture(scope="session")
+def gone_data(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gone") / "train"  # never made: the data the run trained on was deleted
+
+
+@pytest.fixture(scope="session")
+def gone_run(tmp_path_factory, run_dir, gone_data) -> Path:
+    return _run_copy_replaying(run_dir, tmp_path_factory.mktemp("gone_run"), gone_data)
+
+
+@pytest.fixture(scope="session")
+def reprepared_data(tmp_path_factory, train) -> Path:
+    """A copy of the training set, then re-prepared (its manifest.json is another one)."""
+    path = Path(shutil.copytree(train, tmp_path_factory.mktemp("reprepared") / "train"))
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "command": "dtrain prepare finetune (again)"}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def reprepared_run(tmp_path_factory, run_dir, train, reprepared_data) -> Path:
+    return _run_copy_replaying(run_dir, tmp_path_factory.mktemp("reprepared_run"), reprepared_data)
 
 
 @pytest.fixture(scope="session")
