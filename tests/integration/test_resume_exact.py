@@ -29,12 +29,32 @@ CASES = [  # (task, engine, ranks, data.num_workers, more overrides)
     ("finetune", "zero2", 2, 2, ("task.type=prompt", "task.template={text} it was [MASK].",  # workers: the prompt
                                  "task.verbalizer={pos: [new], neg: [first]}",              # pickled with the task;
                                  "task.prompt_lm_weight=0.2")),                             # MLM masks as resumed
+    # a frozen teacher on every rank (not in the checkpoint: loaded again) with a replay mix, under ZeRO-3
+    ("finetune", "zero3", 2, 0, ("model.init_from={teacher}", "continual.replay_fraction=0.5",
+                                 "continual.distill_weight=1.0")),
+    ("finetune", "ddp", 1, 2, ("distill.teacher={teacher}", "distill.student_layers=[1]", "distill.alpha=0.3")),
 ]
+
+
+def _tag(override: str) -> str:
+    key, _, value = override.partition("=")
+    return {"model.init_from": "lwf-replay", "distill.teacher": "distill"}.get(key, value)  # (teacher cases)
 
 
 @pytest.fixture(scope="module")
 def sentiment(tokenizer_dir, tmp_path_factory):
     return write_sentiment(tmp_path_factory.mktemp("sentiment"), tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def teacher(sentiment, tokenizer_dir, tmp_path_factory):
+    """A finished fine-tuning run: the teacher (and the init_from) of the continual cases."""
+    run_dir = tmp_path_factory.mktemp("teacher") / "run"
+    result = run("dtrain.finetune", "--config", "configs/finetune/debug.yaml", f"data.train={sentiment['train']}",
+                 "data.eval=null", "data.test=null", "data.max_seq_len=32", f"model.tokenizer={tokenizer_dir}",
+                 f"run_dir={run_dir}", "schedule.max_steps=4", "logging.progress_bar=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
 
 
 def _args(task, corpus_data, sentiment, tokenizer_dir, run_dir, engine, workers, *extra):
@@ -49,12 +69,14 @@ def _args(task, corpus_data, sentiment, tokenizer_dir, run_dir, engine, workers,
 
 
 @pytest.mark.parametrize(("task", "engine", "ranks", "workers", "more"), CASES,
-                         ids=[f"{t}-{e}-{r}rank-{w}workers" + (f"-{m[0].split('=')[1]}" if m else "")
+                         ids=[f"{t}-{e}-{r}rank-{w}workers" + (f"-{_tag(m[0])}" if m else "")
                               for t, e, r, w, m in CASES])
 def test_a_stopped_and_resumed_run_equals_the_straight_one_with_dropout(task, engine, ranks, workers, more,
                                                                         corpus_data, sentiment, tokenizer_dir,
-                                                                        tmp_path):
+                                                                        tmp_path, request):
     module = f"dtrain.{task}"
+    if any("{teacher}" in m for m in more):
+        more = tuple(m.format(teacher=request.getfixturevalue("teacher")) for m in more)
 
     def train(run_dir, *extra):
         result = run(module, *_args(task, corpus_data, sentiment, tokenizer_dir, run_dir, engine, workers, *more,

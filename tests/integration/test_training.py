@@ -167,24 +167,25 @@ def test_resume_into_a_different_model_shape_is_refused(corpus_data, tokenizer_d
     assert "does not fit this model/optimizer" in errors[0] and "checkpoint.resume=none" in errors[0]
 
 
-def write_sentiment(root, tokenizer_dir):
-    """A learnable toy sentiment task ("growth" → pos, "police" → neg), prepared as train/dev/test shards."""
+def write_sentiment(root, tokenizer_dir, pos="growth", neg="police", sizes=(240, 48, 48), seed=0, labels=None):
+    """A learnable toy sentiment task ("growth" → pos, "police" → neg), prepared as train/dev/test shards (dev and
+    test with the training set's label map; all three with `labels`' when given: another domain of the same task)."""
     import random
 
     from dtrain.tasks import prepare_finetune
     from tests.conftest import WORDS
 
-    rng = random.Random(0)
-    for split, n in (("train", 240), ("dev", 48), ("test", 48)):
+    rng = random.Random(seed)
+    for split, n in zip(("train", "dev", "test"), sizes, strict=True):
         rows = []
         for _ in range(n):
             label = rng.choice(["pos", "neg"])
             words = [rng.choice(WORDS[:40]) for _ in range(rng.randint(3, 12))]
-            words.insert(rng.randint(0, len(words)), "growth" if label == "pos" else "police")
+            words.insert(rng.randint(0, len(words)), pos if label == "pos" else neg)
             rows.append(json.dumps({"text": " ".join(words), "label": label}))
         (root / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
         prepare_finetune([str(root / f"{split}.jsonl")], root / split, str(tokenizer_dir), max_seq_len=32,
-                         workers=1, labels=None if split == "train" else str(root / "train"))
+                         workers=1, labels=labels or (None if split == "train" else str(root / "train")))
     return {split: root / split for split in ("train", "dev", "test")}
 
 
