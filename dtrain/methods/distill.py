@@ -54,14 +54,23 @@ def teacher_for(cfg: Any, task: Task, labels: Sequence[str], tokenizer: Any, dev
     """The run's teacher: distill.teacher, or with continual.distill_weight the model.init_from model; None."""
     if cfg.distill.teacher:
         model = load_teacher(task, cfg.distill.teacher, "distill.teacher", labels, tokenizer, cfg)
-        return Teacher(model.to(device), cfg.distill.alpha, 1.0 - cfg.distill.alpha, cfg.distill.temperature,
+        return Teacher(_placed(model, cfg, device), cfg.distill.alpha, 1.0 - cfg.distill.alpha, cfg.distill.temperature,
                        cfg.distill.teacher)
     if cfg.continual.distill_weight:
         model = load_teacher(task, cfg.model.init_from, "model.init_from (continual.distill_weight's teacher)",
                              labels, tokenizer, cfg)
-        return Teacher(model.to(device), 1.0, cfg.continual.distill_weight, cfg.continual.temperature,
+        return Teacher(_placed(model, cfg, device), 1.0, cfg.continual.distill_weight, cfg.continual.temperature,
                        cfg.model.init_from)
     return None
+
+
+def _placed(model: torch.nn.Module, cfg: Any, device: torch.device) -> torch.nn.Module:
+    """On the run's device; under DeepSpeed in its half precision (DeepSpeed runs the model itself in bf16/fp16,
+    without autocast; DDP's autocast covers an fp32 teacher as it covers the model)."""
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.dtype)
+    if half is not None and cfg.parallel.engine == "deepspeed":
+        model = model.to(half)
+    return model.to(device)
 
 
 def load_teacher(task: Task, path: str, key: str, labels: Sequence[str], tokenizer: Any, cfg: Any) -> torch.nn.Module:

@@ -1,5 +1,5 @@
 """Re-fine-tuning on a second domain with replay and the previous model as teacher (2 ranks), and a student built
-from a teacher's layers (DeepSpeed ZeRO-2, 2 ranks): what they stream, report, record and export."""
+from a teacher's layers (DeepSpeed ZeRO-2 in bf16, 2 ranks): what they stream, report, record and export."""
 
 import json
 
@@ -80,7 +80,7 @@ def test_re_fine_tuning_with_replay_and_the_previous_model_as_teacher(domains, f
                                                                           str(movies["train"].resolve())]
 
 
-def test_a_student_of_the_teachers_layers_trains_under_zero2_and_predicts(domains, first, tokenizer_dir, tmp_path):
+def test_a_student_of_the_teachers_layers_trains_under_zero2_bf16_and_predicts(domains, first, tokenizer_dir, tmp_path):
     from transformers import pipeline
 
     import dtrain
@@ -92,7 +92,7 @@ def test_a_student_of_the_teachers_layers_trains_under_zero2_and_predicts(domain
                  f"data.train={movies['train']}", f"data.eval={movies['dev']}", f"data.test={movies['test']}",
                  f"distill.teacher={first}", "distill.student_layers=[1]", "distill.alpha=0.0",
                  "distill.temperature=1.0", "schedule.max_steps=10", "parallel.engine=deepspeed",
-                 "parallel.zero_stage=2", "precision.dtype=fp32", nproc=2, timeout=600)
+                 "parallel.zero_stage=2", "precision.dtype=bf16", nproc=2, timeout=600)  # a bf16 teacher
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((run_dir / "export" / "config.json").read_text())
     assert config["num_hidden_layers"] == 1 and config["id2label"] == {"0": "neg", "1": "pos"}
