@@ -24,6 +24,7 @@ from dtrain.engine.ddp import STATE_FILE
 from dtrain.engine.deepspeed import TAG, fp32_weights
 from dtrain.errors import DtrainError
 from dtrain.files import EXPORT, atomic_output_dir, check_output
+from dtrain.methods.distill import student_skeleton
 from dtrain.model import adapters
 from dtrain.model.bert import pretraining_model, quiet_transformers
 from dtrain.model.peft import base_hf_model, is_peft
@@ -87,7 +88,9 @@ def export(source: str | Path, out: str | Path, overwrite: bool = False) -> Path
         labels = LabelMap.load(Path(cfg.data.train))
         task = get_task(cfg.task.type).bind(cfg.task, tokenizer_for(cfg), labels.labels,
                                             get_task(labels.task).has_pairs, cfg.data.max_seq_len)
-        if cfg.model.init_from and Path(cfg.model.init_from).exists():  # as the run built it (it may bring adapters)
+        if cfg.distill.student_layers is not None:  # a student of a teacher's layers: the teacher's config, fewer
+            model = student_skeleton(cfg, task)     # layers
+        elif cfg.model.init_from and Path(cfg.model.init_from).exists():  # as the run built it (it may bring adapters)
             model = init_from_run(task, cfg.model.init_from, labels.labels, cfg.task.extend_labels)[0]
         else:
             model = task_model(task, cfg.model.name_or_path, labels.labels)[0]

@@ -118,6 +118,21 @@ def student(cfg: Any, task: Task, labels: Sequence[str], teacher: Teacher | None
     return task_model(task, cfg.model.name_or_path, labels, cfg.model.dropout, cfg.model.attn_implementation)
 
 
+def student_skeleton(cfg: Any, task: Task) -> torch.nn.Module:
+    """The architecture of a layer student (distill.student_layers): the teacher's config with the student's layer
+    count, random weights — what `dtrain export` loads a checkpoint's weights into (the teacher's config.json is
+    read, not its weights)."""
+    import transformers
+
+    try:
+        source = export_dir_of(cfg.distill.teacher)
+    except DtrainError as e:
+        raise DtrainError(f"distill.teacher={e} (the student's architecture is the teacher's)") from None
+    config = transformers.AutoConfig.from_pretrained(str(source), local_files_only=True)
+    config.num_hidden_layers = len(cfg.distill.student_layers)
+    return getattr(transformers, task.hf_class)(config)
+
+
 def student_from_layers(teacher: torch.nn.Module, layers: Sequence[int], source: str,
                         dropout: float | None = None) -> torch.nn.Module:
     """A trainable copy of the teacher keeping only its encoder `layers` (in that order), with its embeddings and

@@ -110,3 +110,11 @@ def test_a_student_of_the_teachers_layers_trains_under_zero2_bf16_and_predicts(d
     classify = pipeline("text-classification", model=dtrain.load_model(run_dir / "export"),
                         tokenizer=str(run_dir / "export"))
     assert [r["label"] for r in classify(texts)] == labels
+    # `dtrain export` of the kept checkpoint builds the student's architecture (the teacher's config, 1 layer)
+    kept = json.loads((run_dir / "report.json").read_text())["model_step"]
+    exported = run("dtrain", "export", str(run_dir / "checkpoints" / f"step-{kept:08d}"), str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(tmp_path / "hf" / "model.safetensors"), load_file(run_dir / "export" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(bool((ours[k] == theirs[k]).all()) for k in ours)

@@ -46,6 +46,9 @@ def test_imports_run_one_way():
                 problems.append(f"{me} imports {dep} (engine/ knows no data or task)")
             if me.startswith(("dtrain.model", "dtrain.data")) and dep.startswith("dtrain.tasks"):
                 problems.append(f"{me} imports {dep} (tasks/ sits above data/ and model/)")
+            if me.startswith(("dtrain.model", "dtrain.data", "dtrain.engine", "dtrain.tasks")) \
+                    and dep.startswith("dtrain.methods"):
+                problems.append(f"{me} imports {dep} (methods/ sits above tasks/, model/ and data/)")
             if dep in ("dtrain.pretrain", "dtrain.finetune") and me != "dtrain.cli":
                 problems.append(f"{me} imports the entry point {dep}")
             if dep == "dtrain.runner" and me not in ("dtrain.pretrain", "dtrain.finetune"):
