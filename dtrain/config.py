@@ -337,31 +337,31 @@ def _resolved(values: dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Checks that span several keys (each key's own type and range are checked as it is read)."""
-    p = cfg.parallel
-    if (p.offload_optimizer or p.offload_params) and p.engine != "deepspeed":
-        raise ConfigError("parallel.offload_optimizer/offload_params need parallel.engine=deepspeed; set it or "
-                          "turn offloading off")
-    if p.offload_optimizer and p.zero_stage == 0:
-        raise ConfigError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
-    if p.offload_params and p.zero_stage != 3:
-        raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
-    c, d, init = cfg.continual, cfg.distill, cfg.model.init_from
+    p, c, d, init = cfg.parallel, cfg.continual, cfg.distill, cfg.model.init_from
+    extra = [f"{name}/" for name in cfg.data.eval_extra or {}]
     for wrong, message in [
+        ((p.offload_optimizer or p.offload_params) and p.engine != "deepspeed", "parallel.offload_optimizer/"
+         "offload_params need parallel.engine=deepspeed; set it or turn offloading off"),
+        (p.offload_optimizer and p.zero_stage == 0, "parallel.offload_optimizer needs parallel.zero_stage >= 1"),
+        (p.offload_params and p.zero_stage != 3, "parallel.offload_params needs parallel.zero_stage=3"),
         (c.distill_weight and d.teacher, "continual.distill_weight and distill.teacher both set a teacher; use one"),
         (c.distill_weight and not init, "continual.distill_weight distils from the model.init_from model; set "
                                         "model.init_from (or use distill.teacher)"),
         (c.replay_fraction and not (init or c.replay_data), "continual.replay_fraction replays the data of the "
-                                                            "model.init_from run; set model.init_from or "
-                                                            "continual.replay_data"),
+         "model.init_from run; set model.init_from or continual.replay_data"),
+        ((c.replay_fraction or c.distill_weight) and cfg.task.extend_labels, "continual.replay_fraction/"
+         "distill_weight with task.extend_labels: the earlier model and data know fewer labels (not supported yet); "
+         "turn one off"),
         (d.student_layers is not None and not d.teacher, "distill.student_layers builds the student from "
                                                          "distill.teacher's layers; set distill.teacher"),
         (d.student_layers is not None and init, "distill.student_layers and model.init_from both say where the "
-                                                "student starts; use one")]:
+                                                "student starts; use one"),
+        (cfg.eval.metric and cfg.eval.metric.startswith(tuple(extra)), f"eval.metric={cfg.eval.metric}: the "
+         f"data.eval_extra sets are watched, never used to pick the model; name a metric of data.eval"),
+        (p.engine == "ddp" and p.zero_stage != 0, f"parallel.zero_stage={p.zero_stage} needs parallel.engine="
+         f"deepspeed (DDP has no ZeRO); set parallel.engine=deepspeed or parallel.zero_stage=0")]:
         if wrong:
             raise ConfigError(message)
-    if cfg.parallel.engine == "ddp" and cfg.parallel.zero_stage != 0:
-        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage} needs parallel.engine=deepspeed (DDP has no "
-                          f"ZeRO); set parallel.engine=deepspeed or parallel.zero_stage=0")
 
 
 def save_run_config(cfg: Config, run_dir: str | os.PathLike | None = None) -> Path:

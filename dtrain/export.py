@@ -24,7 +24,7 @@ from dtrain.engine.ddp import STATE_FILE
 from dtrain.engine.deepspeed import TAG, fp32_weights
 from dtrain.errors import DtrainError
 from dtrain.files import EXPORT, atomic_output_dir, check_output
-from dtrain.methods.distill import student_skeleton
+from dtrain.methods.distill import student_skeleton, weights_source
 from dtrain.model import adapters
 from dtrain.model.bert import pretraining_model, quiet_transformers
 from dtrain.model.peft import base_hf_model, is_peft
@@ -99,7 +99,7 @@ def export(source: str | Path, out: str | Path, overwrite: bool = False) -> Path
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise DtrainError(f"{ckpt}: the weights do not fit {cfg.model.name_or_path} "
+        raise DtrainError(f"{ckpt}: the weights do not fit {weights_source(cfg)} "
                           f"({str(e).splitlines()[0][:200]})") from None
     with atomic_output_dir(out, overwrite, kind=EXPORT, flag="OUT") as tmp:
         _write(model, None, tokenizer_for(cfg), tmp)

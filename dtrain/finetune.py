@@ -51,7 +51,7 @@ def describe(cfg: Config, env: DistEnv, tokenizer: Any, data: dict[str, ShardedD
                          for k, p in (cfg.data.eval_extra or {}).items()}}
     mixed = replay.mix_replay(cfg, data["train"], labels, lambda p, key: runner.open_data(cfg, p, key, tokenizer))
     if env.is_main:
-        source = runner.weights_source(cfg)
+        source = distill.weights_source(cfg)
         lines = [f"model {source} for {task.name}: {fresh_summary(fresh)}; {trainable_summary(model)}",
                  *([origin_line(source)] if source == cfg.model.name_or_path else []),
                  *(x.describe() for x in (teacher, mixed) if x)]  # a teacher, replay
@@ -60,9 +60,9 @@ def describe(cfg: Config, env: DistEnv, tokenizer: Any, data: dict[str, ShardedD
                     for t, learns in ((task, None), (task.for_training(), teacher)))  # adds prompt MLM, a teacher
     collate = {h.task: FinetuneCollator(h.task, tokenizer.pad_token_id, len(labels.labels),  # widths of 8k suit
                                         8 if env.device.type == "cuda" else 1) for h in (head, trains)}  # tensor cores
-    evaluators = {s: Evaluator.of(head, labels, d, f"data.{s}".replace("data.extra/", "data.eval_extra."), cfg.task)
-                  for s, d in opened.items() if s != "train"}
-    check_finetune_lengths(model_config, {f"data.{k}": v for k, v in opened.items()})
+    keys = {s: f"data.{s}".replace("data.extra/", "data.eval_extra.") for s in opened}  # (config keys of the sets)
+    evaluators = {s: Evaluator.of(head, labels, d, keys[s], cfg.task) for s, d in opened.items() if s != "train"}
+    check_finetune_lengths(model_config, {**{keys[k]: v for k, v in opened.items()}, **replay.keyed(mixed)})
     extras = [s for s in evaluators if s.startswith("extra/")]
 
     def evaluate(engine: Any, streams: dict[str, Any]) -> dict[str, float]:  # data.eval picks; extras only watched
@@ -75,7 +75,7 @@ def describe(cfg: Config, env: DistEnv, tokenizer: Any, data: dict[str, ShardedD
         report = {"task": task.name, "steps": trainer.state.step, "model_step": trainer.model_step,
                   "metric": trainer.metric, "best": trainer.state.best, "best_step": trainer.state.best_step,
                   "baseline": trainer.state.baseline, "selection": SELECTION, "eval_history": trainer.state.history}
-        report["model"] = origin(runner.weights_source(cfg))
+        report["model"] = origin(distill.weights_source(cfg))
         titles = {"test": "test set", **{s: f"data.eval_extra.{s[6:]}" for s in extras}}
         reports = final_reports(trainer, evaluators, streams, titles, env.is_main)
         if "test" in reports:

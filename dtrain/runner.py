@@ -36,6 +36,7 @@ from dtrain.errors import DtrainError
 from dtrain.files import check_apart, place_problem, write_atomic
 from dtrain.locks import lock_run_dir
 from dtrain.logging import RunLogger, peak_flops
+from dtrain.methods.distill import weights_source
 from dtrain.model.source import origin, origin_line
 from dtrain.model.tokenizer import tokenizer_for
 from dtrain.trainer import Objective, Plan, Trainer, TrainerSections
@@ -90,14 +91,6 @@ def run_dir_problem(cfg: Config) -> str | None:
         return f"run_dir={path} is a file, not a folder; point run_dir at a new folder or an earlier run's folder"
     return place_problem(path, f"run_dir={path}", "the run dir", "point run_dir elsewhere",
                          "point run_dir at a folder you can write")
-
-
-def weights_source(cfg: Config) -> str:
-    """Where the model's weights start: distill.teacher (a student of its layers), model.init_from, or
-    model.name_or_path."""
-    if cfg.distill.student_layers is not None:
-        return cfg.distill.teacher
-    return cfg.model.init_from or cfg.model.name_or_path
 
 
 def open_data(cfg: Config, path: str | None, key: str, tokenizer: Any) -> ShardedDataset:

@@ -32,8 +32,8 @@ class MixedDataset:
     ShardedDataset interface the stream reads."""
 
     def __init__(self, new: ShardedDataset, old: list[ShardedDataset], count: int, seed: int):
-        if count < 1 or not old:
-            raise ValueError(f"a replay mix needs an old set and at least one replayed row, got {count}")
+        if count < 1 or not old or not sum(len(d) for d in old):
+            raise ValueError(f"a replay mix needs old rows and at least one replayed row, got {count}")
         self.new, self.old, self.count = new, list(old), count
         self.path, self.manifest = new.path, new.manifest
         self._old_starts = np.cumsum([0] + [len(d) for d in self.old])

@@ -50,6 +50,14 @@ class Teacher:
                 f"{self.soft:g}·T²·KL(teacher ‖ model), T={self.temperature:g}")
 
 
+def weights_source(cfg: Any) -> str:
+    """Where the model's weights start: distill.teacher (a student of its layers), model.init_from, or
+    model.name_or_path."""
+    if cfg.distill.student_layers is not None:
+        return cfg.distill.teacher
+    return cfg.model.init_from or cfg.model.name_or_path
+
+
 def teacher_for(cfg: Any, task: Task, labels: Sequence[str], tokenizer: Any, device: torch.device) -> Teacher | None:
     """The run's teacher: distill.teacher, or with continual.distill_weight the model.init_from model; None."""
     if cfg.distill.teacher:
@@ -57,8 +65,7 @@ def teacher_for(cfg: Any, task: Task, labels: Sequence[str], tokenizer: Any, dev
         return Teacher(_placed(model, cfg, device), cfg.distill.alpha, 1.0 - cfg.distill.alpha, cfg.distill.temperature,
                        cfg.distill.teacher)
     if cfg.continual.distill_weight:
-        model = load_teacher(task, cfg.model.init_from, "model.init_from (continual.distill_weight's teacher)",
-                             labels, tokenizer, cfg)
+        model = load_teacher(task, cfg.model.init_from, "model.init_from", labels, tokenizer, cfg)
         return Teacher(_placed(model, cfg, device), 1.0, cfg.continual.distill_weight, cfg.continual.temperature,
                        cfg.model.init_from)
     return None
@@ -130,6 +137,8 @@ def student_skeleton(cfg: Any, task: Task) -> torch.nn.Module:
         raise DtrainError(f"distill.teacher={e} (the student's architecture is the teacher's)") from None
     config = transformers.AutoConfig.from_pretrained(str(source), local_files_only=True)
     config.num_hidden_layers = len(cfg.distill.student_layers)
+    if cfg.model.dropout is not None:  # as the run's own export has it
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg.model.dropout
     return getattr(transformers, task.hf_class)(config)
 
 
@@ -150,8 +159,8 @@ def student_from_layers(teacher: torch.nn.Module, layers: Sequence[int], source:
                 module.layer_idx = i
     student.base_model.encoder.layer = kept
     student.config.num_hidden_layers = len(layers)
-    if dropout is not None:
-        for module in student.modules():
+    if dropout is not None:  # the encoder's dropouts (as model.dropout sets them); the head's stays
+        for module in student.base_model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = dropout
         student.config.hidden_dropout_prob = student.config.attention_probs_dropout_prob = dropout

@@ -63,6 +63,23 @@ def open_recorded(source: dict[str, Any], init_from: str, open_data: Callable[[s
     return data
 
 
+def keyed(mixed: MixedDataset | None) -> dict[str, ShardedDataset]:
+    """The replayed sets by what names them (for checks that name the set): {} without replay."""
+    return {f"{KEY} ({d.path})": d for d in mixed.old} if mixed is not None else {}
+
+
+def pinned_sources(cfg: Any) -> list[dict[str, Any]] | None:
+    """The sets this run itself replayed when it started (its own data.json), for a resume: the model.init_from
+    run's record may have changed since (re-run, re-exported); None for a first start."""
+    own = Path(cfg.run_dir) / "data.json"
+    if cfg.checkpoint.resume == "none" or not own.is_file():
+        return None
+    try:
+        return json.loads(own.read_text(encoding="utf-8"))["train"]["replayed"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def mix_replay(cfg: Any, train: ShardedDataset, labels: LabelMap,
                open_data: Callable[[str, str], ShardedDataset]) -> MixedDataset | None:
     """data.train with the replayed rows mixed in, or None without continual.replay_fraction. `open_data(path,
@@ -74,7 +91,7 @@ def mix_replay(cfg: Any, train: ShardedDataset, labels: LabelMap,
         old = [open_data(c.replay_data, "continual.replay_data")]
         keys = ["continual.replay_data"]
     else:
-        sources = recorded_sources(cfg.model.init_from)
+        sources = pinned_sources(cfg) or recorded_sources(cfg.model.init_from)
         old = [open_recorded(s, cfg.model.init_from, open_data) for s in sources]
         keys = [f"{KEY} ({s['path']}, recorded by model.init_from)" for s in sources]
     for data, key in zip(old, keys, strict=True):

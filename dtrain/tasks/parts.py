@@ -37,6 +37,8 @@ class Head:
         """The teacher's term for the model's `logits` of `batch` (the teacher's forward: no gradients); {}."""
         if self.teacher is None:
             return {}
+        if self.teacher.soft == 0:  # (distill.alpha=1: labels only; the teacher need not run)
+            return {"distill": torch.zeros((), device=logits.device)}
         with torch.no_grad():
             target = self.task.forward(self.teacher.model, batch)
         return {"distill": self.teacher.soft * self.task.distill_loss(logits, target, batch, self.teacher.temperature)}
