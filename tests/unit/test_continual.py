@@ -114,7 +114,7 @@ def test_the_teacher_term_is_t_squared_kl_over_real_targets_only():
     loss = task.distill_loss(student, teacher, batch, t)
     p = torch.softmax(teacher[:2] / t, -1)
     expected = t * t * (p * (torch.log(p) - torch.log_softmax(student[:2] / t, -1))).sum()
-    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     assert float(task.distill_loss(teacher, teacher, batch, t)) == pytest.approx(0.0, abs=1e-7)  # same outputs: 0
     loss.backward()
     assert student.grad[2].abs().sum() == 0 and student.grad[:2].abs().sum() > 0
@@ -164,3 +164,17 @@ def test_a_student_keeps_the_teachers_chosen_layers_embeddings_and_head():
     assert student(input_ids=ids).logits.shape == (1, 2)
     with pytest.raises(DtrainError, match=r"has 4 encoder layers, numbered 0..3; give distinct layers"):
         student_from_layers(teacher, [1, 1], "t")
+
+
+def test_a_resume_replays_what_the_run_itself_recorded(two_sets, tmp_path):
+    from types import SimpleNamespace
+
+    new, old1, old2 = two_sets
+    run_dir = tmp_path / "this-run"
+    run_dir.mkdir()
+    cfg = SimpleNamespace(run_dir=str(run_dir), checkpoint=SimpleNamespace(resume="auto"))
+    assert replay.pinned_sources(cfg) is None  # a first start: the init_from run's record decides
+    (run_dir / "data.json").write_text(json.dumps({"train": MixedDataset(new, [old2], 10, seed=1).record()}))
+    assert [s["path"] for s in replay.pinned_sources(cfg)] == [str(old2.path.resolve())]
+    cfg.checkpoint.resume = "none"  # starting over: the record of the earlier start does not bind
+    assert replay.pinned_sources(cfg) is None
