@@ -21,13 +21,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import goal, machine_line, median, reproduce, spread, write_section  # noqa: E402
+from bench.common import goal, machine_line, median, reproduce, spread, torchrun_finetune, write_section  # noqa: E402
 from dtrain.data.examples import example_path  # noqa: E402
 
 CONFIG = "configs/finetune/sentiment_en.yaml"
@@ -39,7 +38,6 @@ SIDES = {  # name: (what the table calls it, overrides)
     "pfeiffer": ("adapters, Pfeiffer, reduction 16", ["peft.method=adapter", "peft.adapter_variant=pfeiffer",
                                                       "optim.lr=3e-3", "peft.freeze_embeddings=false"]),
 }
-TRAINED_RE = re.compile(r"trained (\d+) samples in ([\d.]+) s")
 TRAINABLE_RE = re.compile(r"trainable parameters: ([\d,]+) of ([\d,]+)")
 
 
@@ -60,24 +58,15 @@ def prepare(work: Path) -> Path:
 
 def run_side(side: str, data: Path, work: Path, args: argparse.Namespace, rep: int) -> dict:
     run_dir = work / f"{side}-{rep}"
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={args.nproc}", "-m",
-           "dtrain.finetune", "--config", CONFIG, f"data.train={data / 'train'}", f"data.eval={data / 'dev'}",
-           f"data.test={data / 'test'}", f"run_dir={run_dir}", "logging.progress_bar=false",
-           f"schedule.epochs={args.epochs}", f"seed={args.seed + rep}", "checkpoint.keep_last=1",
-           *SIDES[side][1], *([f"optim.lr={args.lr}"] if args.lr else [])]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
-    if proc.returncode:
-        sys.exit(f"{side} failed ({proc.returncode}):\n{log[-4000:]}")
-    trained = TRAINED_RE.findall(log)
-    trainable = TRAINABLE_RE.search(log)
-    report = json.loads((run_dir / "report.json").read_text())
+    done = torchrun_finetune(CONFIG, run_dir, data, args.nproc, f"schedule.epochs={args.epochs}",
+                             f"seed={args.seed + rep}", *SIDES[side][1], *([f"optim.lr={args.lr}"] if args.lr else []))
+    trainable = TRAINABLE_RE.search(done["log"])
+    report = done["report"]
     ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
-    out = {"accuracy": report["test"]["accuracy"], "samples_per_s": int(trained[-1][0]) / float(trained[-1][1]),
+    out = {"accuracy": report["test"]["accuracy"], "samples_per_s": done["samples"] / done["train_s"],
            "trainable": int(trainable.group(1).replace(",", "")), "total": int(trainable.group(2).replace(",", "")),
            "checkpoint_mb": size_mb(ckpt), "export_mb": size_mb(run_dir / "export"), "steps": report["steps"],
-           "wall_s": time.perf_counter() - t0}
+           "wall_s": done["wall_s"]}
     shutil.rmtree(run_dir, ignore_errors=True)
     print(f"rep {rep + 1} {side}: {json.dumps({k: round(v, 4) for k, v in out.items()})}", flush=True)
     return out

@@ -3,12 +3,16 @@ one section of BENCHMARKS.md between its markers (<!-- bench:NAME --> ... <!-- /
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import os
 import platform
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,3 +123,39 @@ def write_section(name: str, body: str, path: Path = BENCHMARKS) -> None:
     i, j = text.find(start), text.find(end)
     text = text[:i] + block + text[j + len(end):] if 0 <= i < j else text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+@contextlib.contextmanager
+def work_dir(keep: str | None, prefix: str) -> Iterator[Path]:
+    """Where a benchmark keeps its data and runs: `keep` (its --work), else a temporary dir removed at the end."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+
+
+def output_args(ap: argparse.ArgumentParser) -> None:
+    """--work and --out, as every benchmark that trains takes them."""
+    ap.add_argument("--work", help="keep the data and runs here (default: a temporary dir)")
+    ap.add_argument("--out", default=str(BENCHMARKS))
+
+
+TRAINED_RE = re.compile(r"trained (\d+) samples in ([\d.]+) s")
+
+
+def torchrun_finetune(config: str, run_dir: Path, data: Path, nproc: int, *overrides: str) -> dict:
+    """`torchrun -m dtrain.finetune` on data/{train,dev,test} into run_dir (a failure ends the benchmark with its log):
+    {"report": report.json, "train_s": dtrain's training time (evaluations excluded), "samples", "wall_s", "log"}."""
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "dtrain.finetune", "--config", config, f"data.train={data / 'train'}", f"data.eval={data / 'dev'}",
+           f"data.test={data / 'test'}", f"run_dir={run_dir}", "logging.progress_bar=false", "checkpoint.keep_last=1",
+           *overrides]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if proc.returncode:
+        sys.exit(f"{run_dir.name} failed ({proc.returncode}):\n{log[-4000:]}")
+    trained = TRAINED_RE.findall(log)
+    return {"report": json.loads((run_dir / "report.json").read_text()), "wall_s": time.perf_counter() - t0,
+            "train_s": float(trained[-1][1]) if trained else float("nan"),
+            "samples": int(trained[-1][0]) if trained else 0, "log": log}

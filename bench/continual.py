@@ -22,22 +22,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import goal, machine_line, median, reproduce, write_section  # noqa: E402
+from bench.common import (  # noqa: E402
+    goal,
+    machine_line,
+    median,
+    output_args,
+    reproduce,
+    torchrun_finetune,
+    work_dir,
+    write_section,
+)
 from dtrain.data.examples import example_path  # noqa: E402
 
 CONFIG = "configs/finetune/sentiment_en.yaml"
 DOMAINS = {"movies": "sentiment_en", "amazon": "sentiment_en_amazon", "nyt": "sentiment_en_nyt"}
-TRAINED_RE = re.compile(r"trained (\d+) samples in ([\d.]+) s")
 
 
 def settings(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -64,21 +70,12 @@ def prepare(work: Path) -> dict[str, Path]:
 def finetune(run_dir: Path, data: Path, args: argparse.Namespace, *extra: str, seen: dict[str, Path] | None = None
              ) -> dict:
     extras = "{" + ", ".join(f"{k}: {v / 'test'}" for k, v in (seen or {}).items()) + "}"
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={args.nproc}", "-m",
-           "dtrain.finetune", "--config", CONFIG, f"data.train={data / 'train'}", f"data.eval={data / 'dev'}",
-           f"data.test={data / 'test'}", f"run_dir={run_dir}", "logging.progress_bar=false",
-           f"schedule.epochs={args.epochs}", f"seed={args.seed}", "checkpoint.keep_last=1",
-           f"eval.every_steps={args.eval_every}", *([f"data.eval_extra={extras}"] if seen else []), *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
-    if proc.returncode:
-        sys.exit(f"{run_dir.name} failed ({proc.returncode}):\n{log[-4000:]}")
-    report = json.loads((run_dir / "report.json").read_text())
-    trained = TRAINED_RE.findall(log)
-    out = {"test": report["test"]["accuracy"], "steps": report["steps"], "wall_s": time.perf_counter() - t0,
-           "train_s": float(trained[-1][1]) if trained else float("nan"),
-           "extra": {k: v["accuracy"] for k, v in (report.get("extra") or {}).items()}}
+    done = torchrun_finetune(CONFIG, run_dir, data, args.nproc, f"schedule.epochs={args.epochs}", f"seed={args.seed}",
+                             f"eval.every_steps={args.eval_every}",
+                             *([f"data.eval_extra={extras}"] if seen else []), *extra)
+    report = done["report"]
+    out = {"test": report["test"]["accuracy"], "steps": report["steps"], "wall_s": done["wall_s"],
+           "train_s": done["train_s"], "extra": {k: v["accuracy"] for k, v in (report.get("extra") or {}).items()}}
     print(f"{run_dir.name}: {json.dumps(out)}", flush=True)
     return out
 
@@ -210,13 +207,10 @@ def main() -> None:
     ap.add_argument("--student-epochs", type=float, default=3.0,
                     help="1.5 epochs (the teacher's) gave no gain over labels only (README)")
     ap.add_argument("--teacher", help="a finished movies run dir (skips stage 1 for --parts distill)")
-    ap.add_argument("--work", help="keep the runs here (default: a temporary dir)")
-    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    output_args(ap)
     args = ap.parse_args()
     parts = args.parts.split(",")
-    with tempfile.TemporaryDirectory(prefix="dtrain-bench-continual-") as tmp:
-        work = Path(args.work or tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with work_dir(args.work, "dtrain-bench-continual-") as work:
         data = prepare(work / "data")
         teacher = Path(args.teacher) if args.teacher else None
         if "continual" in parts:

@@ -68,10 +68,15 @@ def _prepare(args: argparse.Namespace) -> int:
 
         manifest = prepare_finetune(args.inputs, task=args.task, text_field=args.text_field,
                                     text_pair_field=args.text_pair_field, label_field=args.label_field,
-                                    labels=args.labels, doc_stride=args.doc_stride, **common)
+                                    labels=args.labels, doc_stride=args.doc_stride, truncation=args.truncation,
+                                    head_share=args.head_share, windows=args.windows, max_windows=args.max_windows,
+                                    **common)
+        cut = (f"{manifest['documents']} documents in windows of {args.max_seq_len}, "
+               f"{manifest['truncated_documents']} cut at --max-windows {args.max_windows}" if args.windows else
+               f"{manifest['truncated']} cut to {args.max_seq_len}" + (f" at the {args.truncation.replace('_', '+')}"
+                                                                      if args.truncation != "head" else ""))
         print(f"{args.out}: {manifest['rows']} {manifest['task']} rows, {manifest['num_labels']} labels, "
-              f"{manifest['total_tokens']} tokens ({manifest['truncated']} truncated to {args.max_seq_len}) in "
-              f"{len(manifest['shards'])} shard(s)")
+              f"{manifest['total_tokens']} tokens ({cut}) in {len(manifest['shards'])} shard(s)")
     return 0
 
 
@@ -95,7 +100,8 @@ def _predict(args: argparse.Namespace) -> int:
     from dtrain.predict import predict
 
     n = predict(args.model, args.input, args.output, args.text_field, args.text_pair_field, args.question_field,
-                args.context_field, args.batch_size, args.max_seq_len, args.threshold, args.overwrite, args.prompt)
+                args.context_field, args.batch_size, args.max_seq_len, args.threshold, args.overwrite, args.prompt,
+                args.window_pooling)
     print(f"{args.output}: {n} predictions")
     return 0
 
@@ -103,7 +109,8 @@ def _predict(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from dtrain.predict import evaluate
 
-    evaluate(args.model, args.data, args.batch_size, args.threshold, args.output, args.overwrite, args.prompt)
+    evaluate(args.model, args.data, args.batch_size, args.threshold, args.output, args.overwrite, args.prompt,
+             args.window_pooling)
     return 0
 
 
@@ -123,6 +130,8 @@ class _TaskNames:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dtrain.data.windows import POOLINGS, TRUNCATIONS
+
     parser = argparse.ArgumentParser(prog="dtrain", description="A distributed trainer for BERT models.")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
 
@@ -161,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--text-pair-field", default=None, help="field with the second text of a pair task")
     pred.add_argument("--question-field", default="question", help="qa: field with the question (question)")
     pred.add_argument("--context-field", default="context", help="qa: field with the context (context)")
-    pred.add_argument("--max-seq-len", type=int, default=None, help="truncate inputs to this many tokens")
+    pred.add_argument("--max-seq-len", type=int, default=None, help="truncate inputs to this many tokens (default: "
+                      "the model's positions; a model trained on cut or windowed texts: its training length)")
     pred.set_defaults(func=_predict)
     ev = sub.add_parser("evaluate", help="a fine-tuned model on a prepared labelled dataset → metrics report")
     ev.add_argument("--data", required=True, help="dataset dir made by `dtrain prepare finetune` (with labels)")
@@ -174,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace an earlier --output of dtrain (only that)")
         p.add_argument("--prompt", default=None, help="cloze prompt YAML (template, verbalizer): zero-shot with a "
                        "model that has an MLM head (a pretraining run)")
+        p.add_argument("--window-pooling", choices=POOLINGS, default=None, help="windowed documents: pool the "
+                       "windows' probabilities (mean, max) or logits (mean_logits, max_logits); default: as trained")
 
     prep = sub.add_parser("prepare", help="tokenize raw text or labelled files into a sharded dataset")
     prep_sub = prep.add_subparsers(dest="prepare_command", metavar="<pretrain|finetune>", required=True)
@@ -198,7 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--task", choices=_TaskNames(),
                            help="default: inferred (list labels: multilabel; numbers: regression; CoNLL: ner); "
                                 "qa reads SQuAD-style .json")
-            p.add_argument("--doc-stride", type=int, default=128, help="qa: tokens shared by consecutive windows")
+            p.add_argument("--doc-stride", type=int, default=None, help="qa and --windows: tokens shared by "
+                           "consecutive windows (qa: 128; --windows: a quarter of --max-seq-len)")
+            p.add_argument("--truncation", choices=TRUNCATIONS, default="head", help="a text longer than "
+                           "--max-seq-len keeps its first tokens (head), its last (tail) or both (head_tail)")
+            p.add_argument("--head-share", type=float, default=0.25, help="head_tail: share of the kept tokens taken "
+                           "from the start (0.25, as Sun et al. 2019)")
+            p.add_argument("--windows", action="store_true", help="cut each long text into overlapping windows "
+                           "(a sample each; evaluation and predict pool them per text: task.window_pooling)")
+            p.add_argument("--max-windows", type=int, default=None, help="--windows: keep at most this many "
+                           "windows of a text (the first ones; default: all)")
             p.add_argument("--text-pair-field", default=None, help="field with the second text of a pair")
             p.add_argument("--label-field", default="label", help="field/column with the label(s) (label)")
             p.add_argument("--labels", default=None, help="labels.json (or dataset dir) of the training set: "

@@ -21,9 +21,7 @@ from dtrain import schema
 from dtrain.files import write_atomic
 from dtrain.schema import ConfigError, build, check_layer, merge, opt, type_name
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The schema. Sections are filled in by the parts that read them; every field has a help text.
-# ---------------------------------------------------------------------------------------------------------------------
+# -- The schema. Sections are filled in by the parts that read them; every field has a help text. ----------------
 
 
 @dataclass(frozen=True)
@@ -161,6 +159,9 @@ class TaskConfig:
                                                         "{positive: [great], negative: [terrible]}")
     prompt_lm_weight: float = opt(0.0, "prompt: weight of an auxiliary MLM loss on the training texts (PET); 0 = off",
                                   ge=0)
+    window_pooling: str | None = opt(None, "Windowed data (prepare --windows): pool a document's windows' "
+                                     "probabilities (mean, max) or logits (mean_logits, max_logits); null = mean",
+                                     choices=lambda: POOLINGS)
 
 
 @dataclass(frozen=True)
@@ -238,11 +239,10 @@ def iter_keys(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str
 
 
 INHERIT_KEYS = ("base", "defaults")  # a YAML file may name the file(s) it extends under either key
+POOLINGS = ("mean", "max", "mean_logits", "max_logits")  # task.window_pooling: of probabilities, or of logits
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------------------------------
+# -- Loading ---------------------------------------------------------------------------------------------------------
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from dtrain.data.shards import ShardedDataset
+from dtrain.data.windows import Cut
 from dtrain.tasks import Head, LabelMap
 
 Record = tuple  # (dataset index, task-specific arrays ...)
@@ -88,6 +89,7 @@ class Evaluator:
                  n_best: int = 20, max_answer_length: int = 30):
         self.head, self.task, self.labels, self.data = head, head.task, list(labels), data  # task: a Task
         self.threshold, self.n_best, self.max_answer_length = threshold, n_best, max_answer_length
+        self.windowed = Cut.of(data.manifest).windows  # windows of long documents: pooled per document
 
     @classmethod
     def of(cls, head: Head, labels: LabelMap, data: ShardedDataset, key: str, options: Any) -> Evaluator:
@@ -113,7 +115,10 @@ class Evaluator:
         """Every metric of the task, JSON-serialisable: scalars plus per-class/per-type tables where they apply."""
         if not records:
             return {"loss": loss}
-        return {"loss": loss, **self.task.report(records, self)}
+        if not self.windowed:
+            return {"loss": loss, **self.task.report(records, self)}
+        pooled = self.task.pool_windows(records, [int(self.data.get(r[0], "doc")) for r in records])
+        return {"loss": loss, **self.task.report(pooled, self), "documents": len(pooled), "windows": len(records)}
 
     def scalars(self, engine: Any, loader: Iterable[Batch]) -> dict[str, float]:
         """The report's scalar metrics (what the loop logs and early stopping reads)."""

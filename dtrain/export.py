@@ -18,6 +18,7 @@ import torch
 
 from dtrain.checkpoint import TRAINER_FILE, latest_checkpoint
 from dtrain.config import load_config
+from dtrain.data.shards import read_manifest
 from dtrain.distributed import DistEnv, barrier
 from dtrain.engine.base import Engine
 from dtrain.engine.ddp import STATE_FILE
@@ -29,7 +30,7 @@ from dtrain.model import adapters
 from dtrain.model.bert import pretraining_model, quiet_transformers
 from dtrain.model.peft import base_hf_model, is_peft
 from dtrain.model.tokenizer import tokenizer_for
-from dtrain.tasks import LabelMap, apply_peft, get_task, init_from_run, task_model
+from dtrain.tasks import LabelMap, apply_peft, init_from_run, run_task, task_model
 
 
 def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -86,8 +87,7 @@ def export(source: str | Path, out: str | Path, overwrite: bool = False) -> Path
         model, _ = pretraining_model(cfg.model.name_or_path)
     else:
         labels = LabelMap.load(Path(cfg.data.train))
-        task = get_task(cfg.task.type).bind(cfg.task, tokenizer_for(cfg), labels.labels,
-                                            get_task(labels.task).has_pairs, cfg.data.max_seq_len)
+        task = run_task(cfg.task, tokenizer_for(cfg), labels, read_manifest(cfg.data.train), cfg.data.max_seq_len)
         if cfg.distill.student_layers is not None:  # a student of a teacher's layers: the teacher's config, fewer
             model = student_skeleton(cfg, task)     # layers
         elif cfg.model.init_from and Path(cfg.model.init_from).exists():  # as the run built it (it may bring adapters)

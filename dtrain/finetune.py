@@ -23,7 +23,7 @@ from dtrain.model.bert import fresh_summary
 from dtrain.model.bounds import check_finetune_lengths
 from dtrain.model.peft import trainable_summary
 from dtrain.model.source import origin, origin_line
-from dtrain.tasks import FinetuneCollator, Head, LabelMap, apply_peft, get_task, resolve_task
+from dtrain.tasks import FinetuneCollator, Head, LabelMap, apply_peft, resolve_task, run_task
 from dtrain.trainer import Objective, Trainer
 
 SELECTION = ("the model tested and exported is the best evaluation after training started (step > 0; ties: the "
@@ -41,8 +41,7 @@ def task_type(cfg: Config) -> list[str]:
 
 def describe(cfg: Config, env: DistEnv, tokenizer: Any, data: dict[str, ShardedDataset]) -> runner.Run:
     labels = LabelMap.load(Path(cfg.data.train))
-    task = get_task(cfg.task.type).bind(cfg.task, tokenizer, labels.labels, get_task(labels.task).has_pairs,
-                                        cfg.data.max_seq_len)  # a prompt: its template and verbalizer built in
+    task = run_task(cfg.task, tokenizer, labels, data["train"].manifest, cfg.data.max_seq_len)  # prompt, windows
     teacher = distill.teacher_for(cfg, task, labels.labels, tokenizer, env.device)  # frozen; None without one
     model, fresh = distill.student(cfg, task, labels.labels, teacher)  # the teacher's layers, init_from or a checkpoint
     flops, model_config = training_flops_per_token(model.config, cfg.data.max_seq_len, 0.0), model.config  # pre-PEFT

@@ -14,6 +14,8 @@ import torch
 from dtrain.data.rows import JSONL_SUFFIXES, TABLE_SUFFIXES, iter_table_rows, read_text
 from dtrain.data.shards import ShardedDataset, tokenizer_fingerprint
 from dtrain.data.stream import StreamingDataset, StreamLoader
+from dtrain.data.windows import CONFIG_KEY as TEXT_KEY
+from dtrain.data.windows import Cut
 from dtrain.engine.local import LocalEngine
 from dtrain.errors import DtrainError
 from dtrain.evaluation import Evaluator, forward_pass, scalar_metrics
@@ -74,11 +76,15 @@ def load_finetuned(path: str | Path, prompt: str | Path | None = None
 
 
 def _bind(kind: Task, options: Any, tok: Any, labels: list[str], pairs: bool, max_seq_len: int,
-          prompt: str | None, model_path: str | Path, data: str) -> Task:
-    """The task with its settings (from --prompt, or as the model saved them); errors name where they came from."""
+          prompt: str | None, model_path: str | Path, data: str, model: Any, pooling: str | None) -> Task:
+    """The task with its settings (from --prompt, or as the model saved them), reading long texts as the model was
+    trained to (its saved Cut; `pooling`: --window-pooling, else the saved one); errors name where they came
+    from."""
     where = f"--prompt {prompt}: {{key}}" if prompt is not None else \
         f"{export_dir_of(model_path)}/config.json: {CONFIG_KEY}.{{key}}"
-    return kind.bind(options, tok, labels, pairs, max_seq_len, where, data)
+    cut, saved = Cut.recall(model.config.to_dict())
+    at = "--window-pooling" if pooling is not None else f"{export_dir_of(model_path)}/config.json: {TEXT_KEY}.pooling"
+    return kind.bind(options, tok, labels, pairs, max_seq_len, where, data).reading(cut, pooling or saved, at)
 
 
 def read_inputs(path: Path, fields: list[str]) -> list[dict[str, Any]]:
@@ -136,6 +142,8 @@ def predict_rows(model: torch.nn.Module, tok: Any, task: str | Task, labels: lis
     batches = _batches(enc, batch_size, kind.batch_fields)
     totals = forward_pass(LocalEngine(model, device), batches, forward, records=records)
     outputs = [output for _, output in totals.records]
+    if "doc" in enc:  # windows of long texts (kind.cut): one output per row, its windows pooled
+        outputs = [r[1] for r in kind.pool_windows([(i, x) for i, x in enumerate(outputs)], enc["doc"])]
     return kind.decode(outputs, enc, rows, fields, labels, threshold, max_answer_length)
 
 
@@ -151,7 +159,7 @@ def _check_options(batch_size: int, threshold: float, max_seq_len: int | None = 
 def predict(model_path: str, input_path: str, output: str, text_field: str = "text",
             text_pair_field: str | None = None, question_field: str = "question", context_field: str = "context",
             batch_size: int = 32, max_seq_len: int | None = None, threshold: float = 0.5,
-            overwrite: bool = False, prompt: str | None = None) -> int:
+            overwrite: bool = False, prompt: str | None = None, window_pooling: str | None = None) -> int:
     _check_options(batch_size, threshold, max_seq_len)
     read = [("--input", input_path), ("--model", export_dir_of(model_path)), ("--prompt", prompt)]
     check_output(output, PREDICTIONS, [(k, v) for k, v in read if v], overwrite, "--output")
@@ -159,9 +167,10 @@ def predict(model_path: str, input_path: str, output: str, text_field: str = "te
     if max_seq_len and max_seq_len > model.config.max_position_embeddings:
         raise DtrainError(f"--max-seq-len {max_seq_len}: the model has {model.config.max_position_embeddings} "
                           f"positions; pass at most that (or leave it out)")
-    limit = max_seq_len or model.config.max_position_embeddings
+    trained = Cut.recall(model.config.to_dict())[0]  # (a model of cut or windowed texts: its training length)
+    limit = max_seq_len or (None if trained.plain else trained.max_seq_len) or model.config.max_position_embeddings
     task = _bind(kind, options, tok, labels, text_pair_field is not None, limit, prompt, model_path,
-                 "the input (--text-pair-field)")
+                 "the input (--text-pair-field)", model, window_pooling)
     fields = {"text": text_field, "text_pair": text_pair_field, "question": question_field, "context": context_field}
     need = task.input_fields(fields)
     rows = read_inputs(Path(input_path), need)
@@ -175,7 +184,8 @@ def predict(model_path: str, input_path: str, output: str, text_field: str = "te
 
 
 def evaluate(model_path: str, data_path: str, batch_size: int = 32, threshold: float = 0.5,
-             output: str | None = None, overwrite: bool = False, prompt: str | None = None) -> dict[str, Any]:
+             output: str | None = None, overwrite: bool = False, prompt: str | None = None,
+             window_pooling: str | None = None) -> dict[str, Any]:
     """The full report of a fine-tuned model (or of a cloze prompt on an MLM model: `prompt`) on a prepared
     labelled set."""
     _check_options(batch_size, threshold)
@@ -190,7 +200,7 @@ def evaluate(model_path: str, data_path: str, batch_size: int = 32, threshold: f
     expected = LabelMap(prepared.task if kind.trains_on(prepared.task) else kind.name, labels)
     prepared.check_same(expected, f"--data {data_path}")  # (before the prompt is checked against its labels)
     task = _bind(kind, options, tok, labels, get_task(prepared.task).has_pairs, model.config.max_position_embeddings,
-                 prompt, model_path, f"--data {data_path}")
+                 prompt, model_path, f"--data {data_path}", model, window_pooling)
     head = Head(task)
     loader = StreamLoader(StreamingDataset(data, batch_size, shuffle=False, drop_last=False, rank=0, world_size=1),
                           FinetuneCollator(task, tok.pad_token_id, len(labels)), num_workers=0)

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from dtrain.data.rows import JSONL_SUFFIXES, input_files, jsonl_rows, read_text
 from dtrain.data.shards import ShardError, ShardWriter, tokenizer_fingerprint
+from dtrain.data.windows import Cut
 from dtrain.files import DATASET, atomic_output_dir, check_output
 from dtrain.model.bounds import MIN_SEQ_LEN, check_prepare_len, check_workers
 from dtrain.model.tokenizer import load_tokenizer
@@ -242,32 +243,36 @@ def prepare_pretrain(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
 ROWS_PER_TASK = 512
 
 
-def _finetune_task(chunk: tuple[int, list[tuple]], task: Any, max_seq_len: int, doc_stride: int = 128) -> dict:
+def _finetune_task(chunk: tuple[int, list[tuple]], task: Any, max_seq_len: int, cut: Cut) -> dict:
     first, rows = chunk
-    return task.encode(_WORKER["tok"], rows, first, max_seq_len, doc_stride)
+    return task.encode(_WORKER["tok"], rows, first, max_seq_len, cut)
 
 
 def write_finetune(encoded: list[tuple], out: str | os.PathLike, tokenizer: str, task: Any, max_seq_len: int,
-                   workers: int | None, shard_bytes: int, overwrite: bool, doc_stride: int,
+                   workers: int | None, shard_bytes: int, overwrite: bool, cut: Cut,
                    save_labels: Callable[[Path, dict[str, Any]], int], prepare: dict[str, Any]) -> dict:
     """Labelled rows (text, pair, label ids) → the task's shards in `out`, with the task's extra files and the label
     map (`save_labels(dir, stats)` writes it and returns the number of labels); returns the manifest. `task`: a
-    dtrain.tasks.Task (its name, schema(), encode(), write_extra())."""
+    dtrain.tasks.Task (its name, schema(), encode(), write_extra()); `cut`: how long texts are cut (windows: the
+    manifest counts documents, windows and the documents cut at --max-windows)."""
     tok = load_tokenizer(tokenizer)
     check_prepare_len(max_seq_len, tok, tokenizer, tok.name_or_path)
-    fn = partial(_finetune_task, task=task, max_seq_len=max_seq_len, doc_stride=doc_stride)
-    truncated = tokens = 0
+    fn = partial(_finetune_task, task=task, max_seq_len=max_seq_len, cut=cut)
+    truncated = tokens = cut_documents = 0
     with atomic_output_dir(out, overwrite, kind=DATASET, error=ShardError) as tmp:
-        writer = ShardWriter(tmp, task.schema(), shard_bytes)
+        writer = ShardWriter(tmp, task.schema(cut), shard_bytes)
         with _progress("prepare finetune", "row") as bar:
             for cols in run_parallel(fn, _batches(encoded, ROWS_PER_TASK), workers or min(os.cpu_count() or 1, 8),
                                      tokenizer):
+                cut_documents += sum(cols.pop("truncated_documents", [0]))
                 writer.write(cols)
                 tokens += sum(cols["length"])
-                truncated += sum(n >= max_seq_len for n in cols["length"])
+                truncated += 0 if cut.windows else sum(n >= max_seq_len for n in cols["length"])
                 bar.update(len(cols["length"]))
-        num_labels = save_labels(tmp, task.write_extra(tmp, encoded, doc_stride))
+        num_labels = save_labels(tmp, task.write_extra(tmp, encoded, cut))
+        windows = {"documents": len(encoded), "truncated_documents": cut_documents} if cut.windows else {}
         manifest = writer.close(kind="finetune", task=task.name, tokenizer=tokenizer_meta(tok, tokenizer),
                                 max_seq_len=max_seq_len, num_labels=num_labels, total_tokens=tokens,
-                                truncated=truncated, prepare=prepare)
+                                truncated=truncated, **windows, cut=None if cut.plain else cut.record(),
+                                prepare=prepare)
     return manifest

@@ -32,7 +32,7 @@ from dtrain.data.shards import tokenizer_fingerprint
 from dtrain.errors import DtrainError
 from dtrain.model.heads import export_dir_of
 from dtrain.model.tokenizer import TokenizerError, load_tokenizer
-from dtrain.tasks import Task, init_from_run, task_model
+from dtrain.tasks import Task, init_from_run, keep_settings, task_model
 
 
 @dataclass
@@ -139,6 +139,7 @@ def student_skeleton(cfg: Any, task: Task) -> torch.nn.Module:
     config.num_hidden_layers = len(cfg.distill.student_layers)
     if cfg.model.dropout is not None:  # as the run's own export has it
         config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg.model.dropout
+    keep_settings(config, task)  # (the run's, not the teacher's: how the student reads long texts)
     return getattr(transformers, task.hf_class)(config)
 
 

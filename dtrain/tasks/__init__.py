@@ -17,10 +17,11 @@ Adding a task: a new module here with a Task subclass, and its line in registry.
 
 from dtrain.tasks.base import Task
 from dtrain.tasks.labels import LABELS_FILE, LabelMap
-from dtrain.tasks.parts import FinetuneCollator, Head, apply_peft, init_from_run, task_model
+from dtrain.tasks.parts import FinetuneCollator, Head, apply_peft, init_from_run, keep_settings, run_task, task_model
 from dtrain.tasks.prepare import prepare_finetune
 from dtrain.tasks.registry import ALIASES, SEQUENCE_TASKS, TASKS, get_task, infer_task, resolve_task, task_of_model
 
 __all__ = ["ALIASES", "LABELS_FILE", "SEQUENCE_TASKS", "TASKS", "FinetuneCollator", "Head", "LabelMap", "Task",
-           "apply_peft", "get_task", "infer_task", "init_from_run", "prepare_finetune", "resolve_task", "task_model",
+           "apply_peft", "get_task", "infer_task", "init_from_run", "keep_settings", "prepare_finetune", "resolve_task",
+           "run_task", "task_model",
            "task_of_model"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,12 @@ import torch
 from dtrain.data import IGNORE
 from dtrain.data.rows import CONLL_SUFFIXES, JSONL_SUFFIXES, TABLE_SUFFIXES, read_labelled_rows
 from dtrain.data.shards import ShardError
+from dtrain.data.windows import CONFIG_KEY, PLAIN, Cut
 from dtrain.errors import DtrainError
 
 FEATURES = [("input_ids", pa.list_(pa.int32())), ("token_type_ids", pa.list_(pa.int8())), ("length", pa.int32())]
 PROMPT_KEYS = ("template", "verbalizer", "prompt_lm_weight")  # task settings only the prompt task reads
+WINDOW_COLUMNS = [("doc", pa.int64()), ("windows", pa.int32())]  # a window's document and its count of windows
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -42,6 +44,19 @@ def pad_2d(rows: Sequence[np.ndarray], width: int, value: int) -> np.ndarray:
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
+
+
+def summed(loss: Callable[[str], torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A per-sample loss (`loss(reduction)`) summed over the batch, each sample weighed by batch["weight"] when the
+    batch has one (windows of long documents: 1/windows, so a document counts once)."""
+    weight = batch.get("weight")
+    return loss("sum") if weight is None else (loss("none") * weight).sum()
+
+
+def counted(keep: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The targets of a per-sample mask (`keep`: [B]), weighed as `summed` weighs their losses."""
+    weight = batch.get("weight")
+    return keep.sum() if weight is None else weight[keep].sum()
 
 
 def encode_rows(tok: Any, texts: list[str], pairs: list[str] | None, max_seq_len: int) -> dict[str, list]:
@@ -79,6 +94,9 @@ class Task:
     label_rows = True  # the head has one row of weights per label (init_from with new labels grows it)
     batch_fields: tuple[str, ...] = ()  # per-row integers of predict_encode's output that the batches carry
     distills = True  # learns from a teacher's soft targets (distill_loss: a distribution over labels per target)
+    reads_windows = True  # one output per text that windows of a long one pool into (not ner, qa, prompt)
+    cut = PLAIN  # how this run's task reads a long text (`reading`: the training data's --truncation/--windows)
+    pooling: str | None = None  # how a document's windows pool (task.window_pooling; None: mean)
 
     def trains_on(self, prepared: str) -> bool:
         """Whether a model of this task trains on (and evaluates) data prepared for task `prepared`."""
@@ -90,7 +108,28 @@ class Task:
     def __reduce__(self) -> tuple:  # pickled by name (prepare's worker processes): the registry's one instance
         from dtrain.tasks.registry import get_task
 
-        return get_task, (self.name,)
+        if self.cut.plain and self.pooling is None:
+            return get_task, (self.name,)
+        return _reading, (self.name, self.cut, self.pooling)
+
+    def reading(self, cut: Cut, pooling: str | None = None, where: str = "task.window_pooling") -> Task:
+        """This task reading long texts as `cut` says (the training data's, or what a model saved) and pooling a
+        document's windows by `pooling` (`where`: the key or option that set it, for errors)."""
+        if cut.plain and pooling is None:
+            return self
+        if not self.reads_windows:
+            what = f"{where}={pooling}" if pooling is not None else f"data prepared with {cut.saved(None)}"
+            raise DtrainError(f"{what}: task {self.name} has no per-document output to pool or cut (ner labels "
+                              f"tokens, qa windows its contexts itself, prompt wraps the whole text); remove it")
+        if pooling is not None:
+            self.check_pooling(pooling, where)
+        task = object.__new__(type(self))  # (not copy.copy: __reduce__ would give the registry's instance back)
+        task.__dict__.update(self.__dict__)
+        task.cut, task.pooling = cut, pooling
+        return task
+
+    def check_pooling(self, pooling: str, where: str) -> None:
+        pass
 
     def bind(self, options: Any, tokenizer: Any, labels: Sequence[str], pairs: bool, max_seq_len: int,
              where: str = "task.{key}", data: str = "data.train") -> Task:
@@ -108,8 +147,9 @@ class Task:
         return None
 
     def saved_config(self) -> dict[str, Any]:
-        """Entries of the model's config.json that keep this run's task settings (what saved_options reads)."""
-        return {}
+        """Entries of the model's config.json that keep this run's task settings (what saved_options reads; how the
+        model reads long texts: Cut.recall)."""
+        return {} if self.cut.plain and self.pooling is None else {CONFIG_KEY: self.cut.saved(self.pooling)}
 
     def check_loaded(self, source: str, fresh: Sequence[str], preset: bool) -> None:
         """Refuse a checkpoint whose weights lack what the task cannot start without (`fresh`: weights that start
@@ -162,17 +202,20 @@ class Task:
         counts[value] += 1
         return label_map.id(value, where)
 
-    def schema(self) -> pa.Schema:
-        return pa.schema([*FEATURES, (self.label_column, self.label_type)])
+    def schema(self, cut: Cut = PLAIN) -> pa.Schema:
+        return pa.schema([*FEATURES, (self.label_column, self.label_type), *(WINDOW_COLUMNS if cut.windows else [])])
 
-    def encode(self, tok: Any, rows: list[tuple], first: int, max_seq_len: int, doc_stride: int) -> dict[str, list]:
-        """Rows (text, pair, label id(s)) → shard columns (runs in prepare's worker processes)."""
+    def encode(self, tok: Any, rows: list[tuple], first: int, max_seq_len: int, cut: Cut) -> dict[str, list]:
+        """Rows (text, pair, label id(s)) → shard columns (runs in prepare's worker processes); `cut`: how a long
+        text is cut (windows: a row per window, its label repeated)."""
         pairs = [r[1] for r in rows] if rows[0][1] is not None else None
-        cols = encode_rows(tok, [r[0] for r in rows], pairs, max_seq_len)
-        cols[self.label_column] = [r[2] for r in rows]
+        texts = [r[0] for r in rows]
+        cols = encode_rows(tok, texts, pairs, max_seq_len) if cut.plain else \
+            cut.encode(tok, texts, pairs, max_seq_len, first)
+        cols[self.label_column] = [rows[d - first][2] for d in cols["doc"]] if cut.windows else [r[2] for r in rows]
         return cols
 
-    def write_extra(self, out: Path, encoded: list[tuple], doc_stride: int) -> dict[str, Any]:
+    def write_extra(self, out: Path, encoded: list[tuple], cut: Cut) -> dict[str, Any]:
         """Files beside the shards and statistics for labels.json."""
         return {}
 
@@ -228,14 +271,18 @@ class Task:
     def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor, batch: dict[str, torch.Tensor],
                      temperature: float) -> torch.Tensor:
         """T²·KL(teacher ‖ student) of the temperature-softened distributions over the last axis, summed over the
-        targets (the positions whose label is not ignored: real samples; ner: first pieces of words)."""
+        targets (the positions whose label is not ignored: real samples; ner: first pieces of words; windows weighed
+        as their loss is)."""
         keep = batch["labels"] != IGNORE
         s = (student[keep].float() / temperature).log_softmax(-1)
         t = (teacher[keep].float() / temperature).log_softmax(-1)
-        return temperature ** 2 * (t.exp() * (t - s)).sum()
+        kl = (t.exp() * (t - s)).sum(-1)
+        weight = batch.get("weight")
+        return temperature ** 2 * (kl * weight[keep] if weight is not None and keep.dim() == 1 else kl).sum()
 
     def distill_count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (batch["labels"] != IGNORE).sum()
+        keep = batch["labels"] != IGNORE
+        return counted(keep, batch) if keep.dim() == 1 else keep.sum()
 
     def for_training(self) -> Task:
         """The task as the training side sees it (the same unless training adds terms evaluation has not: the
@@ -255,6 +302,31 @@ class Task:
     def report(self, records: list[tuple], evaluator: Any) -> dict[str, Any]:
         raise NotImplementedError
 
+    # -- windows of long documents ----------------------------------------------------------------------------------
+
+    def pool_windows(self, records: list[tuple], docs: Sequence[int]) -> list[tuple]:
+        """One record per document (`docs`: each record's document, in record order): its windows' outputs pooled,
+        the first window's index and label."""
+        groups: dict[int, list[tuple]] = {}
+        for record, doc in zip(records, docs, strict=True):
+            groups.setdefault(int(doc), []).append(record)
+        return [(rs[0][0], self.pool(np.stack([r[1] for r in rs])), *rs[0][2:]) for rs in groups.values()]
+
+    def pool(self, outputs: np.ndarray) -> np.ndarray:
+        """A document's output from its windows' ([windows, ...]): the mean or max of the probabilities (as logits
+        again, so the report and decode read them as one window's), or of the logits (`*_logits`)."""
+        how = self.pooling or "mean"
+        reduce = np.max if how.startswith("max") else np.mean
+        if how.endswith("_logits"):
+            return reduce(outputs, axis=0)
+        return self.as_logits(reduce(self.probabilities(outputs), axis=0))
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return softmax(logits)
+
+    def as_logits(self, probabilities: np.ndarray) -> np.ndarray:
+        return np.log(np.maximum(probabilities, 1e-12))
+
     # -- prediction -------------------------------------------------------------------------------------------------
 
     def input_fields(self, fields: dict[str, str | None]) -> list[str]:
@@ -262,7 +334,12 @@ class Task:
 
     def predict_encode(self, tok: Any, rows: list[dict[str, Any]], fields: dict[str, str | None], max_seq_len: int,
                        doc_stride: int) -> Any:
+        """The model inputs of new rows (cut as the model's training data was: self.cut; windows carry "doc", their
+        row's number)."""
         text, pair = fields["text"], fields.get("text_pair")
+        if not self.cut.plain:
+            return self.cut.encode(tok, [r[text] for r in rows], [r[pair] for r in rows] if pair else None,
+                                   max_seq_len)
         return tok([r[text] for r in rows], [r[pair] for r in rows] if pair else None, truncation=True,
                    max_length=max_seq_len, return_offsets_mapping=self.predict_offsets)
 
@@ -273,6 +350,12 @@ class Task:
     def decode(self, outputs: list[np.ndarray], enc: Any, rows: list[dict[str, Any]], fields: dict[str, str | None],
                labels: list[str], threshold: float, max_answer_length: int) -> list[dict]:
         raise NotImplementedError
+
+
+def _reading(name: str, cut: Cut, pooling: str | None) -> Task:
+    from dtrain.tasks.registry import get_task
+
+    return get_task(name).reading(cut, pooling)
 
 
 def check_class_weights(task: Task, class_weights: Sequence[float] | None, num_labels: int) -> None:

@@ -13,7 +13,7 @@ from dtrain import metrics as M
 from dtrain.data import IGNORE
 from dtrain.data.shards import ShardError
 from dtrain.errors import DtrainError
-from dtrain.tasks.base import Task, softmax
+from dtrain.tasks.base import Task, counted, softmax, summed
 
 
 class Classification(Task):
@@ -37,15 +37,18 @@ class Classification(Task):
 
     def loss_terms(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], head: Any) -> dict[str, torch.Tensor]:
         weight = head.weights.to(logits.device) if head.weights is not None else None
-        return {"cls": F.cross_entropy(logits, batch["labels"], weight=weight, ignore_index=IGNORE,
-                                       reduction="sum", label_smoothing=head.label_smoothing)}
+        return {"cls": summed(lambda reduction: F.cross_entropy(logits, batch["labels"], weight=weight,
+                                                                ignore_index=IGNORE, reduction=reduction,
+                                                                label_smoothing=head.label_smoothing), batch)}
 
     def counts(self, batch: dict[str, torch.Tensor], head: Any) -> dict[str, torch.Tensor]:
         """Targets (class-weighted when weighted, so the loss is a weighted mean)."""
         labels = batch["labels"]
+        keep = labels != IGNORE
         if head.weights is None:
-            return {"cls": (labels != IGNORE).sum()}
-        return {"cls": head.weights[labels[labels != IGNORE].cpu()].sum()}
+            return {"cls": counted(keep, batch)}
+        weights = head.weights[labels[keep].cpu()]
+        return {"cls": (weights * batch["weight"][keep].cpu()).sum() if "weight" in batch else weights.sum()}
 
     def report(self, records: list[tuple], evaluator: Any) -> dict[str, Any]:
         logits = np.stack([r[1] for r in records])

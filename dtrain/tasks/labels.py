@@ -146,12 +146,21 @@ def _label_list(raw: Any, path: Path) -> list[str]:
 
 
 def _shard_label_ids(folder: Path, manifest: dict[str, Any], column: str) -> np.ndarray | None:
-    """Every label id the shards hold (IGNORE dropped), or None when a shard cannot be read (the dataset's own
-    checks report that)."""
+    """Every label id the shards hold (IGNORE dropped; windows of long documents: their document's once), or None
+    when a shard cannot be read (the dataset's own checks report that)."""
     parts = []
+    last_doc = None
     try:
         for shard in manifest.get("shards", []):
             table = pa.ipc.open_file(pa.memory_map(str(folder / shard["file"]), "r")).read_all()
+            if "doc" in table.column_names:  # (a document's windows are consecutive rows: keep its first)
+                docs = table.column("doc").to_numpy()
+                first = np.ones(len(docs), dtype=bool)
+                first[1:] = docs[1:] != docs[:-1]
+                if len(docs) and last_doc is not None:
+                    first[0] = docs[0] != last_doc
+                last_doc = docs[-1] if len(docs) else last_doc
+                table = table.filter(pa.array(first))
             array = table.column(column).combine_chunks()
             if pa.types.is_list(array.type):
                 array = array.flatten()

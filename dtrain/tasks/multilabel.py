@@ -50,14 +50,25 @@ class MultiLabel(Task):
     def loss_terms(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], head: Any) -> dict[str, torch.Tensor]:
         labels = batch["labels"]
         keep = labels != IGNORE
-        return {"bce": F.binary_cross_entropy_with_logits(logits[keep], labels[keep].float(), reduction="sum")}
+        if "weight" not in batch:
+            return {"bce": F.binary_cross_entropy_with_logits(logits[keep], labels[keep].float(), reduction="sum")}
+        each = F.binary_cross_entropy_with_logits(logits, labels.float().clamp(min=0), reduction="none")
+        return {"bce": (each * batch["weight"][:, None] * keep).sum()}  # windows: 1/windows of their document
 
     def counts(self, batch: dict[str, torch.Tensor], head: Any) -> dict[str, torch.Tensor]:
-        return {"bce": (batch["labels"] != IGNORE).sum()}
+        keep = batch["labels"] != IGNORE
+        return {"bce": (keep * batch["weight"][:, None]).sum() if "weight" in batch else keep.sum()}
 
     def report(self, records: list[tuple], evaluator: Any) -> dict[str, Any]:
         probs = M.sigmoid(np.stack([r[1] for r in records]))
         return M.multilabel_metrics(probs, np.stack([r[2] for r in records]), evaluator.labels, evaluator.threshold)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return M.sigmoid(logits)
+
+    def as_logits(self, probabilities: np.ndarray) -> np.ndarray:
+        p = np.clip(probabilities, 1e-7, 1 - 1e-7)
+        return np.log(p / (1 - p))
 
     def decode(self, outputs: list[np.ndarray], enc: Any, rows: list[dict[str, Any]], fields: dict[str, str | None],
                labels: list[str], threshold: float, max_answer_length: int) -> list[dict]:

@@ -46,6 +46,7 @@ class Ner(Task):
     hf_class = "BertForTokenClassification"
     default_metric = "f1"
     peft_task_type = "TOKEN_CLS"
+    reads_windows = False
     sequence_level = False
     label_column = "labels"
     label_type = pa.list_(pa.int32())
@@ -83,7 +84,7 @@ class Ner(Task):
         counts.update([v[2:] for v in value if v[:2] == "B-"])  # entities per type
         return ids
 
-    def encode(self, tok: Any, rows: list[tuple], first: int, max_seq_len: int, doc_stride: int) -> dict[str, list]:
+    def encode(self, tok: Any, rows: list[tuple], first: int, max_seq_len: int, cut: Any) -> dict[str, list]:
         return encode_ner(tok, [r[0] for r in rows], [r[2] for r in rows], max_seq_len)
 
     def targets(self, samples: list[dict[str, Any]], pad: np.ndarray, width: int, num_labels: int) -> dict:

@@ -11,12 +11,15 @@ import numpy as np
 import torch
 
 from dtrain.data.shards import ShardError
+from dtrain.data.windows import CONFIG_KEY as TEXT_KEY
+from dtrain.data.windows import Cut
 from dtrain.errors import DtrainError
 from dtrain.model import adapters, peft
 from dtrain.model.bert import load_model
 from dtrain.model.heads import export_dir_of, grow_head
 from dtrain.model.source import preset_of
 from dtrain.tasks.base import Task, check_class_weights, pad_2d
+from dtrain.tasks.labels import LabelMap
 from dtrain.tasks.registry import SEQUENCE_TASKS, TASKS, get_task
 
 
@@ -66,7 +69,9 @@ class FinetuneCollator:
 
     Output (numpy; StreamLoader hands tensors to the loop): input_ids, attention_mask, token_type_ids, index, pad and
     the task's targets (Task.targets: labels, or for qa start_position, end_position and example). Padding repeats
-    (pad=True) get ignored targets (-100; NaN for regression) so they add nothing to the loss.
+    (pad=True) get ignored targets (-100; NaN for regression) so they add nothing to the loss. Windows of long
+    documents (prepare --windows) also carry `weight` = 1/windows of their document (0 for padding), which the loss
+    terms and counts weigh each sample by: a document counts once, however long.
     """
 
     def __init__(self, task: str | Task, pad_id: int, num_labels: int = 0, pad_to_multiple_of: int = 8):
@@ -83,6 +88,9 @@ class FinetuneCollator:
                  "attention_mask": (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64),
                  "token_type_ids": pad_2d([s["token_type_ids"] for s in samples], width, 0),
                  "index": np.array([int(s["index"]) for s in samples]), "pad": pad}
+        if any("windows" in s for s in samples):  # (replayed rows of unwindowed data: 1)
+            batch["weight"] = np.where(pad, 0.0, 1.0 / np.array([int(s.get("windows", 1)) for s in samples]))
+            batch["weight"] = batch["weight"].astype(np.float32)
         return {**batch, **self.task.targets(samples, pad, width, self.num_labels)}
 
 
@@ -96,9 +104,26 @@ def task_model(task: str | Task, name_or_path: str, labels: Sequence[str], dropo
     model, fresh = load_model(getattr(transformers, task.hf_class), name_or_path, dropout, attn_implementation,
                               **task.model_config(labels))
     task.check_loaded(name_or_path, fresh, preset_of(name_or_path) is not None)
-    for key, value in task.saved_config().items():  # (not from_pretrained keywords: those it gives the model class)
-        setattr(model.config, key, value)
+    keep_settings(model.config, task)
     return model, fresh
+
+
+def run_task(options: Any, tokenizer: Any, labels: LabelMap, manifest: dict[str, Any], max_seq_len: int) -> Task:
+    """A run's task: task.type (`options`: the task config section) bound to the run's settings (a prompt's template
+    and verbalizer) and reading long texts as the training set (its `manifest`) was cut, its windows pooled by
+    task.window_pooling."""
+    task = get_task(options.type).bind(options, tokenizer, labels.labels, get_task(labels.task).has_pairs, max_seq_len)
+    return task.reading(Cut.of(manifest), options.window_pooling)
+
+
+def keep_settings(config: Any, task: Task) -> None:
+    """The run's task settings into the model's HF config (what its export's config.json keeps: Task.saved_config);
+    how a loaded model (init_from, a teacher) read long texts is dropped when this run's task reads them plainly."""
+    saved = task.saved_config()
+    if TEXT_KEY not in saved and hasattr(config, TEXT_KEY):
+        delattr(config, TEXT_KEY)
+    for key, value in saved.items():  # (not from_pretrained keywords: those it gives the model class)
+        setattr(config, key, value)
 
 
 def init_from_run(task: str | Task, path: str, labels: Sequence[str], extend: bool, dropout: float | None = None,

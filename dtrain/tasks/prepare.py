@@ -11,6 +11,7 @@ from typing import Any
 from dtrain.data.prepare import check_prepare_out, write_finetune
 from dtrain.data.rows import input_files, read_labelled_rows
 from dtrain.data.shards import ShardError
+from dtrain.data.windows import Cut
 from dtrain.model.bounds import MIN_SEQ_LEN, check_prepare_len, check_workers
 from dtrain.tasks.base import Task
 from dtrain.tasks.labels import LabelMap
@@ -28,9 +29,13 @@ def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
                      max_seq_len: int = 128, text_field: str = "text", text_pair_field: str | None = None,
                      label_field: str = "label", labels: str | None = None, workers: int | None = None,
                      shard_bytes: int = 64 << 20, overwrite: bool = False, command: str | None = None,
-                     doc_stride: int = 128) -> dict:
+                     doc_stride: int | None = None, truncation: str = "head", head_share: float = 0.25,
+                     windows: bool = False, max_windows: int | None = None) -> dict:
     """Labelled CSV/TSV/JSONL rows, CoNLL sentences or SQuAD JSON → fine-tuning shards + labels.json in `out`
-    (for qa also examples.jsonl: id, question, context, answers, to turn predicted spans back into text)."""
+    (for qa also examples.jsonl: id, question, context, answers, to turn predicted spans back into text).
+    Long texts of sequence tasks: `truncation` head|tail|head_tail (`head_share` of the kept tokens from the start),
+    or `windows` overlapping by `doc_stride` tokens (default a quarter of the window), at most `max_windows` per
+    row (dtrain.data.windows)."""
     if task is not None and task not in TASKS:
         raise ShardError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     if task is not None and not TASKS[task].prepares:
@@ -41,6 +46,10 @@ def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
     if max_seq_len < MIN_SEQ_LEN:  # before any work (the upper bound needs the tokenizer: below)
         check_prepare_len(max_seq_len, None, tokenizer, None)
     kind = TASKS[task] if task is not None else None
+    cut = Cut(truncation, head_share, windows, doc_stride, max_windows)
+    if windows and doc_stride is None:
+        cut = Cut(truncation, head_share, windows, cut.overlap(max_seq_len), max_windows)
+    cut.check(max_seq_len, text_pair_field is not None or (kind is not None and kind.has_pairs))
     check_prepare_out(out, inputs, tokenizer, labels, overwrite)
     files = input_files(inputs, (kind or Task).input_suffixes)
     if kind is None:
@@ -52,6 +61,10 @@ def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
     if kind is None:
         kind = infer_task(rows[0], text_pair_field is not None)
         rows = [(t, p, kind.parse_label(v, w)) for (t, p, v), w in zip(rows, where, strict=True)]
+    if not cut.plain and not kind.reads_windows:
+        flag = "--windows" if windows else f"--truncation {truncation}"
+        raise ShardError(f"{flag}: task {kind.name} cuts its inputs its own way (ner: sentences; qa: windows of the "
+                         f"context, --doc-stride); it applies to classification, pair, multilabel and regression")
     if labels:
         label_map = LabelMap.load(labels)
         if label_map.task != kind.name:
@@ -68,7 +81,7 @@ def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
         label_map.save(folder, counts, stats)
         return len(label_map.labels)
 
-    return write_finetune(encoded, out, tokenizer, kind, max_seq_len, workers, shard_bytes, overwrite, doc_stride,
+    return write_finetune(encoded, out, tokenizer, kind, max_seq_len, workers, shard_bytes, overwrite, cut,
                           save_labels, {"command": command or " ".join(sys.argv), "inputs": [str(i) for i in inputs],
                                         "text_field": text_field, "text_pair_field": text_pair_field,
                                         "label_field": label_field, "labels": labels})

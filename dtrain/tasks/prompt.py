@@ -247,6 +247,7 @@ class PromptTask(Classification):
     problem_type = None
     head_module = HEAD
     peft_task_type = None
+    reads_windows = False
     sequence_level = False  # soft prompts (peft prompt tuning) would shift the mask position: refused
     prepares = False
     needs_settings = True  # a template and a verbalizer

@@ -18,6 +18,7 @@ from dtrain import metrics as M
 from dtrain.data import IGNORE
 from dtrain.data.rows import read_text
 from dtrain.data.shards import ShardError
+from dtrain.data.windows import PLAIN, QA_STRIDE, Cut
 from dtrain.tasks.base import FEATURES, Task
 
 EXAMPLES = "examples.jsonl"
@@ -120,9 +121,14 @@ def read_examples(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f]
 
 
+def qa_stride(cut: Cut) -> int:
+    return cut.stride if cut.stride is not None else QA_STRIDE
+
+
 class Qa(Task):
     name = "qa"
     distills = False  # (no soft-target loss written yet)
+    reads_windows = False  # (its windows are its own: the best span over them)
     hf_class = "BertForQuestionAnswering"
     default_metric = "f1"
     head_module = "qa_outputs"
@@ -150,15 +156,16 @@ class Qa(Task):
     def label_ids(self, value: Any, label_map: Any, where: str, counts: Counter) -> Any:
         return value
 
-    def schema(self) -> pa.Schema:  # answer span in tokens (0, 0 = [CLS]: no answer in this window) + char offsets
+    def schema(self, cut: Cut = PLAIN) -> pa.Schema:  # answer span in tokens (0, 0 = [CLS]: none here) + offsets
         return pa.schema([*FEATURES, ("start_position", pa.int32()), ("end_position", pa.int32()),
                           ("example", pa.int64()), ("offset_start", pa.list_(pa.int32())),
                           ("offset_end", pa.list_(pa.int32()))])
 
-    def encode(self, tok: Any, rows: list[tuple], first: int, max_seq_len: int, doc_stride: int) -> dict[str, list]:
-        return encode_qa(tok, [r[2] for r in rows], first, max_seq_len, doc_stride)
+    def encode(self, tok: Any, rows: list[tuple], first: int, max_seq_len: int, cut: Cut) -> dict[str, list]:
+        return encode_qa(tok, [r[2] for r in rows], first, max_seq_len, qa_stride(cut))
 
-    def write_extra(self, out: Path, encoded: list[tuple], doc_stride: int) -> dict[str, Any]:
+    def write_extra(self, out: Path, encoded: list[tuple], cut: Cut) -> dict[str, Any]:
+        doc_stride = qa_stride(cut)
         with open(out / EXAMPLES, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r[2], ensure_ascii=False) + "\n" for r in encoded)
         return {"examples": len(encoded), "doc_stride": doc_stride}

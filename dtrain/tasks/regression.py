@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from dtrain import metrics as M
 from dtrain.data.shards import ShardError
-from dtrain.tasks.base import Task
+from dtrain.errors import DtrainError
+from dtrain.tasks.base import Task, counted, summed
 
 
 class Regression(Task):
@@ -33,7 +34,7 @@ class Regression(Task):
     def label_ids(self, value: Any, label_map: Any, where: str, counts: Counter) -> Any:
         return value
 
-    def write_extra(self, out: Path, encoded: list[tuple], doc_stride: int) -> dict[str, Any]:
+    def write_extra(self, out: Path, encoded: list[tuple], cut: Any) -> dict[str, Any]:
         values = np.array([r[2] for r in encoded], dtype=np.float64)
         return {"mean": float(values.mean()), "std": float(values.std())}
 
@@ -48,14 +49,28 @@ class Regression(Task):
     def loss_terms(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], head: Any) -> dict[str, torch.Tensor]:
         labels = batch["labels"]
         keep = ~torch.isnan(labels)
-        return {"mse": F.mse_loss(logits.squeeze(-1)[keep], labels[keep].float(), reduction="sum")}
+        if "weight" not in batch:
+            return {"mse": F.mse_loss(logits.squeeze(-1)[keep], labels[keep].float(), reduction="sum")}
+        return {"mse": summed(lambda reduction: F.mse_loss(logits.squeeze(-1)[keep], labels[keep].float(),
+                                                           reduction=reduction), {"weight": batch["weight"][keep]})}
 
     def counts(self, batch: dict[str, torch.Tensor], head: Any) -> dict[str, torch.Tensor]:
-        return {"mse": (~torch.isnan(batch["labels"])).sum()}
+        return {"mse": counted(~torch.isnan(batch["labels"]), batch)}
 
     def report(self, records: list[tuple], evaluator: Any) -> dict[str, Any]:
         return M.regression_metrics(np.array([float(r[1][0]) for r in records]),
                                     np.array([float(r[2]) for r in records]))
+
+    def check_pooling(self, pooling: str, where: str) -> None:
+        if pooling.endswith("_logits"):
+            raise DtrainError(f"{where}={pooling}: a regression model outputs values, not logits of probabilities; "
+                              f"use mean or max (of the windows' values)")
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:  # (values: pooled as they are)
+        return logits
+
+    def as_logits(self, probabilities: np.ndarray) -> np.ndarray:
+        return probabilities
 
     def decode(self, outputs: list[np.ndarray], enc: Any, rows: list[dict[str, Any]], fields: dict[str, str | None],
                labels: list[str], threshold: float, max_answer_length: int) -> list[dict]:

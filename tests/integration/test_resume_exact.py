@@ -33,17 +33,27 @@ CASES = [  # (task, engine, ranks, data.num_workers, more overrides)
     ("finetune", "zero3", 2, 0, ("model.init_from={teacher}", "continual.replay_fraction=0.5",
                                  "continual.distill_weight=1.0")),
     ("finetune", "ddp", 1, 2, ("distill.teacher={teacher}", "distill.student_layers=[1]", "distill.alpha=0.3")),
+    # windows of long documents (weighted 1/windows), a stop inside the epoch, the task pickled to the workers
+    ("finetune", "ddp", 2, 2, ("data.train={windowed[train]}", "data.eval={windowed[dev]}", "data.max_seq_len=16")),
 ]
+FIXTURES = ("teacher", "windowed")  # placeholders of the cases' overrides: {name} is that fixture's value
 
 
 def _tag(override: str) -> str:
     key, _, value = override.partition("=")
-    return {"model.init_from": "lwf-replay", "distill.teacher": "distill"}.get(key, value)  # (teacher cases)
+    return {"model.init_from": "lwf-replay", "distill.teacher": "distill", "data.train": "windows"}.get(key, value)
 
 
 @pytest.fixture(scope="module")
 def sentiment(tokenizer_dir, tmp_path_factory):
     return write_sentiment(tmp_path_factory.mktemp("sentiment"), tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def windowed(tokenizer_dir, tmp_path_factory):
+    """Long documents (the keyword at the end) in windows of 16 tokens sharing 4: 2-4 windows each."""
+    return write_sentiment(tmp_path_factory.mktemp("windowed"), tokenizer_dir, sizes=(48, 16, 16), length=(10, 30),
+                           at_end=True, max_seq_len=16, windows=True, doc_stride=4)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +85,10 @@ def test_a_stopped_and_resumed_run_equals_the_straight_one_with_dropout(task, en
                                                                         corpus_data, sentiment, tokenizer_dir,
                                                                         tmp_path, request):
     module = f"dtrain.{task}"
-    if any("{teacher}" in m for m in more):
-        more = tuple(m.format(teacher=request.getfixturevalue("teacher")) for m in more)
+    for name in FIXTURES:
+        if any("{" + name in m for m in more):
+            value = request.getfixturevalue(name)
+            more = tuple(m.format(**{name: value}) if "{" + name in m else m for m in more)
 
     def train(run_dir, *extra):
         result = run(module, *_args(task, corpus_data, sentiment, tokenizer_dir, run_dir, engine, workers, *more,

@@ -167,9 +167,12 @@ def test_resume_into_a_different_model_shape_is_refused(corpus_data, tokenizer_d
     assert "does not fit this model/optimizer" in errors[0] and "checkpoint.resume=none" in errors[0]
 
 
-def write_sentiment(root, tokenizer_dir, pos="growth", neg="police", sizes=(240, 48, 48), seed=0, labels=None):
+def write_sentiment(root, tokenizer_dir, pos="growth", neg="police", sizes=(240, 48, 48), seed=0, labels=None,
+                    length=(3, 12), at_end=False, max_seq_len=32, **prepare):
     """A learnable toy sentiment task ("growth" → pos, "police" → neg), prepared as train/dev/test shards (dev and
-    test with the training set's label map; all three with `labels`' when given: another domain of the same task)."""
+    test with the training set's label map; all three with `labels`' when given: another domain of the same task).
+    `length`: the range of filler words per text; at_end: the keyword among the last 3 words (long documents);
+    `prepare`: more prepare_finetune options (windows=True, ...)."""
     import random
 
     from dtrain.tasks import prepare_finetune
@@ -180,12 +183,13 @@ def write_sentiment(root, tokenizer_dir, pos="growth", neg="police", sizes=(240,
         rows = []
         for _ in range(n):
             label = rng.choice(["pos", "neg"])
-            words = [rng.choice(WORDS[:40]) for _ in range(rng.randint(3, 12))]
-            words.insert(rng.randint(0, len(words)), pos if label == "pos" else neg)
+            words = [rng.choice(WORDS[:40]) for _ in range(rng.randint(*length))]
+            at = rng.randint(max(len(words) - 2, 0) if at_end else 0, len(words))
+            words.insert(at, pos if label == "pos" else neg)
             rows.append(json.dumps({"text": " ".join(words), "label": label}))
         (root / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
-        prepare_finetune([str(root / f"{split}.jsonl")], root / split, str(tokenizer_dir), max_seq_len=32,
-                         workers=1, labels=labels or (None if split == "train" else str(root / "train")))
+        prepare_finetune([str(root / f"{split}.jsonl")], root / split, str(tokenizer_dir), max_seq_len=max_seq_len,
+                         workers=1, labels=labels or (None if split == "train" else str(root / "train")), **prepare)
     return {split: root / split for split in ("train", "dev", "test")}
 
 

@@ -383,6 +383,16 @@ CASES = [
     Case("continual", "lwf-without-init-from", (*FINETUNE, "continual.distill_weight=1"),
          E + "continual.distill_weight distils from the model.init_from model; set model.init_from (or use "
              "distill.teacher)"),
+    Case("windows", "windows-stride-too-large",
+         (*PREPARE_FT, "{files}/reviews.jsonl", "--windows", "--max-seq-len", "16", "--doc-stride", "14"),
+         E + "--doc-stride 14: consecutive windows share that many tokens, but a window holds 14 tokens of text at "
+             "--max-seq-len 16; pass --doc-stride from 0 to 13 (e.g. 3)", files={"reviews.jsonl": TWO_LABELS}),
+    Case("windows", "max-windows-zero", (*PREPARE_FT, "{files}/reviews.jsonl", "--windows", "--max-windows", "0"),
+         E + "--max-windows 0: a document keeps at least 1 window; pass 1 or more (or leave it out: every window)",
+         files={"reviews.jsonl": TWO_LABELS}),
+    Case("windows", "window-pooling-undefined", (*PROMPT, "task.window_pooling=max"),
+         E + "task.window_pooling=max: task prompt has no per-document output to pool or cut (ner labels tokens, qa "
+             "windows its contexts itself, prompt wraps the whole text); remove it"),
     Case("launch", "torchrun-nproc-not-a-number",
          (PY, "-m", "launch.torchrun", "dtrain.pretrain", "--config", "configs/pretrain/debug.yaml"),
          "launch.torchrun: error: DTRAIN_NPROC_PER_NODE='zero' is not a whole number; set it to an integer ≥ 1 or "
