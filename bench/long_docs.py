@@ -1,25 +1,26 @@
 """Long documents (issue 19): head-only vs head+tail truncation vs windows pooled per document, beside TF-IDF +
 logistic regression on the full text.
 
-  .venv/bin/python bench/long_docs.py                      # the BENCHMARKS.md section long_docs (~45 min, 2 cores)
-  .venv/bin/python bench/long_docs.py --sets bundles --epochs 0.2 --out /tmp/b.md   # smoke run
+  .venv/bin/python bench/long_docs.py                      # BENCHMARKS.md section long_docs (~80 min, 2 cores)
+  .venv/bin/python bench/long_docs.py --sets bundles --seeds 1 --epochs 0.2 --out /tmp/b.md   # smoke run
 
 Sets: `topic_en` (BBC articles, 5 topics, ~470 MiniLM tokens each: at 128 tokens most are cut to their headline and
 first paragraph) and `bundles` (long reviews made from the movie-review sentences of `sentiment_en`: 7, 9 or 11
 sentences of one split each, k of them positive, k drawn uniformly; the label is the majority's, so it needs the
 whole text: at 128 tokens the head sees ~4 of the sentences). For each set, with `configs/finetune/topic_en.yaml`
-(MiniLM, 128 tokens, 2 epochs, evaluation per epoch, the best dev checkpoint tested), torchrun with 2 processes:
+(MiniLM, 128 tokens, 2 epochs, evaluation per epoch, the best dev checkpoint tested), torchrun with 2 processes,
+seeds 42 and 7 (--seeds; with --work a finished run is reused):
 
 - head: `prepare finetune` as usual (the first 126 tokens);
 - head+tail: `--truncation head_tail` (a quarter of the kept tokens from the start, the rest from the end);
 - windows: `--windows` (windows of 128 sharing 32 tokens, each weighed 1/windows in the loss), the test set
-  evaluated per document with `task.window_pooling` mean (the run's report) and max (`dtrain evaluate
-  --window-pooling max`);
+  evaluated per document with `task.window_pooling` mean (the run's report), max and mean_logits (`dtrain evaluate
+  --window-pooling`);
 - TF-IDF (1-2-grams, sublinear tf) + logistic regression (scikit-learn) on the whole text of every training row.
 
 Per-document test accuracy and macro-F1; dtrain's training time ("trained N samples in S s": evaluations excluded);
 `dtrain predict` time over the test texts (the command's function in this process, model loading included: median
-of 3).
+of 3); the dev accuracy of the kept model.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from dtrain.data.examples import example_path  # noqa: E402
 
 CONFIG = "configs/finetune/topic_en.yaml"
 MODES = {"head": [], "head+tail": ["--truncation", "head_tail"], "windows": ["--windows", "--doc-stride", "32"]}
+POOLINGS = ("mean", "max", "mean_logits")  # of the windows' probabilities (mean, max) or logits
 
 
 def bundles(out: Path, seed: int = 19) -> Path:
@@ -82,6 +84,8 @@ def raw_sets(work: Path, names: list[str]) -> dict[str, Path]:
 def prepare(raw: Path, out: Path, mode: list[str]) -> dict:
     model = example_path("minilm")
     for split in ("train", "dev", "test"):
+        if (out / split / "manifest.json").is_file():  # (with --work: prepared by an earlier run of the script)
+            continue
         cmd = [sys.executable, "-m", "dtrain", "prepare", "finetune", str(raw / f"{split}.jsonl"), "--out",
                str(out / split), "--tokenizer", str(model), "--max-seq-len", "128", *mode]
         if split != "train":
@@ -90,19 +94,26 @@ def prepare(raw: Path, out: Path, mode: list[str]) -> dict:
     return json.loads((out / "train" / "manifest.json").read_text())
 
 
-def finetune(run_dir: Path, data: Path, args: argparse.Namespace) -> dict:
-    done = torchrun_finetune(CONFIG, run_dir, data, args.nproc, f"schedule.epochs={args.epochs}", f"seed={args.seed}")
+def finetune(run_dir: Path, data: Path, args: argparse.Namespace, seed: int) -> dict:
+    """A run's test report, dev accuracy of the kept model, steps and training time (kept in run_dir/bench.json:
+    with --work, a finished run is reused)."""
+    saved = run_dir / "bench.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    done = torchrun_finetune(CONFIG, run_dir, data, args.nproc, f"schedule.epochs={args.epochs}", f"seed={seed}")
     report = done["report"]
-    out = {"test": report["test"], "steps": report["steps"], "train_s": done["train_s"], "samples": done["samples"]}
+    out = {"test": report["test"], "dev": report["best"], "steps": report["steps"], "train_s": done["train_s"],
+           "samples": done["samples"]}
+    saved.write_text(json.dumps(out))
     print(f"{run_dir.name}: {json.dumps({k: v for k, v in out.items() if k != 'test'})} "
           f"accuracy {out['test']['accuracy']:.4f}", flush=True)
     return out
 
 
-def evaluate(run_dir: Path, data: Path, pooling: str) -> dict:
+def evaluate(run_dir: Path, data: Path, pooling: str, split: str = "test") -> dict:
     from dtrain.predict import evaluate as dtrain_evaluate
 
-    return dtrain_evaluate(str(run_dir / "export"), str(data / "test"), window_pooling=pooling)
+    return dtrain_evaluate(str(run_dir / "export"), str(data / split), window_pooling=pooling)
 
 
 def predict_seconds(run_dir: Path, raw: Path, work: Path, reps: int = 3) -> float:
@@ -137,28 +148,42 @@ def tfidf(raw: Path) -> dict:
             "train_s": train_s, "predict_s": time.perf_counter() - t0}
 
 
+def _cell(values: list[float], digits: int = 1) -> str:
+    """The mean over seeds, and each seed's value when there are several."""
+    mean = f"{100 * sum(values) / len(values):.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ({' / '.join(f'{100 * v:.{digits}f}' for v in values)})"
+
+
 def run_set(name: str, raw: Path, work: Path, args: argparse.Namespace) -> tuple[list[str], dict]:
+    """Every input mode (and pooling) of one set over the seeds: table rows, and {label: {"test": [accuracy per
+    seed], "train_s": ..., "predict_s": ...}}."""
     rows, results = [], {}
     for mode, flags in MODES.items():
         data = work / name / mode.replace("+", "_")
         manifest = prepare(raw, data, flags)
-        result = finetune(work / name / f"run-{mode.replace('+', '_')}", data, args)
-        result["predict_s"] = predict_seconds(work / name / f"run-{mode.replace('+', '_')}", raw, work)
-        results[mode] = result
+        runs = {seed: work / name / f"run-{mode.replace('+', '_')}-s{seed}" for seed in args.seeds}
+        done = {seed: finetune(run, data, args, seed) for seed, run in runs.items()}
+        predict_s = median([predict_seconds(run, raw, work) for run in runs.values()])
         cut = (f"{manifest['rows']} windows of {manifest['documents']} documents" if mode == "windows"
                else f"{manifest['truncated']} of {manifest['rows']} cut")
-        pooled = {"mean": result["test"]}
-        if mode == "windows":
-            pooled["max"] = evaluate(work / name / "run-windows", data, "max")
-        for pooling, test in pooled.items():
-            label = f"windows, {pooling} pooling" if mode == "windows" else mode
-            rows.append(f"| {name} | {label} | {cut} | {100 * test['accuracy']:.1f} | {100 * test['macro_f1']:.1f} | "
-                        f"{result['steps']} | {result['train_s']:.0f} | {result['predict_s']:.1f} |")
-        if mode == "windows":
-            results["windows-max"] = {"test": pooled["max"]}
+        poolings = POOLINGS if mode == "windows" else (None,)
+        for pooling in poolings:
+            if pooling in (None, "mean"):
+                tests = [d["test"] for d in done.values()]
+                devs = [d["dev"] for d in done.values()]
+            else:
+                tests = [evaluate(run, data, pooling) for run in runs.values()]
+                devs = [evaluate(run, data, pooling, "dev")["accuracy"] for run in runs.values()]
+            label = f"windows, {pooling} pooling" if pooling else mode
+            first = next(iter(done.values()))
+            train_s = median([d["train_s"] for d in done.values()])
+            results[label] = {"test": [t["accuracy"] for t in tests], "train_s": train_s, "predict_s": predict_s}
+            rows.append(f"| {name} | {label} | {cut} | {_cell(devs)} | {_cell([t['accuracy'] for t in tests])} | "
+                        f"{_cell([t['macro_f1'] for t in tests])} | {first['steps']} | {train_s:.0f} | "
+                        f"{predict_s:.1f} |")
     base = tfidf(raw)
     results["tfidf"] = base
-    rows.append(f"| {name} | TF-IDF + logistic regression (whole text) | | {100 * base['accuracy']:.1f} | "
+    rows.append(f"| {name} | TF-IDF + logistic regression (whole text) | | | {100 * base['accuracy']:.1f} | "
                 f"{100 * base['macro_f1']:.1f} | | {base['train_s']:.1f} | {base['predict_s']:.2f} |")
     return rows, results
 
@@ -168,7 +193,8 @@ def main() -> None:
     ap.add_argument("--sets", default="topic_en,bundles")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--epochs", type=float, default=2.0)
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")], default=[42, 7],
+                    help="comma-separated; each mode is trained once per seed (default 42,7)")
     output_args(ap)
     args = ap.parse_args()
     names = args.sets.split(",")
@@ -177,27 +203,29 @@ def main() -> None:
         for name, raw in raw_sets(work, names).items():
             rows, results = run_set(name, raw, work, args)
             table += rows
-            head, win = results["head"], results["windows"]
-            gain = 100 * (win["test"]["accuracy"] - head["test"]["accuracy"])
+            head, win = results["head"], results["windows, mean pooling"]
+            gain = 100 * (sum(win["test"]) / len(win["test"]) - sum(head["test"]) / len(head["test"]))
             cost = win["train_s"] / head["train_s"]
-            goals.append(f"- {name}: windowed (mean) per-document accuracy ≥ head-only: "
+            goals.append(f"- {name}: windowed (mean) per-document test accuracy ≥ head-only's (mean over the seeds): "
                          + goal(gain >= 0, f"{gain:+.1f} points, at {cost:.1f}× the training time and "
                                            f"{win['predict_s'] / head['predict_s']:.1f}× the predict time"))
     body = "\n".join([
         "## Long documents: truncation and windows (`bench/long_docs.py`)", "",
         machine_line("transformers", "sklearn"), "",
         f"MiniLM at 128 tokens, `{CONFIG}` ({args.epochs:g} epochs, evaluation per epoch, early stopping, the best "
-        f"dev checkpoint tested), torchrun with {args.nproc} processes, seed {args.seed}, 1 rep. topic_en: BBC "
+        f"dev checkpoint tested), torchrun with {args.nproc} processes, seeds {', '.join(map(str, args.seeds))} "
+        "(each cell: the mean, then each seed's value). topic_en: BBC "
         "articles (5 topics); bundles: 7/9/11 movie-review sentences of `sentiment_en` per document, labelled by "
         "their majority (built by the script from the example set, each sentence used once). head: the first 126 "
         "tokens; head+tail: `--truncation head_tail` (32 from the start, 94 from the end); windows: `--windows "
         "--doc-stride 32` (each window weighed 1/windows in the loss), evaluated per document with mean (the "
-        "run's report) or max (`dtrain evaluate --window-pooling max`) pooling of the windows' probabilities. "
-        "Accuracy and macro-F1 per document on the test set. Train s: dtrain's training time (evaluations "
+        "run's report) or max (`dtrain evaluate --window-pooling max`) of the windows' probabilities, or the mean of "
+        "their logits (mean_logits). Dev: the kept model's accuracy on the dev set (the one that chose it); "
+        "accuracy and macro-F1 per document on the test set. Train s: dtrain's training time (evaluations "
         "excluded); predict s: `dtrain predict` over the test texts (the command's function: model loading "
-        "included, median of 3).", "",
-        "| set | input | prepared (train) | test accuracy % | macro-F1 % | steps | train s | predict s |",
-        "|---|---|---|---|---|---|---|---|", *table, "", "Goals (issue 19):", "", *goals, "",
+        "included, median of 3 per seed, median over the seeds); train s: the median over the seeds.", "",
+        "| set | input | prepared (train) | dev % | test accuracy % | test macro-F1 % | steps | train s | predict s |",
+        "|---|---|---|---|---|---|---|---|---|", *table, "", "Goals (issue 19):", "", *goals, "",
         reproduce("bench/long_docs.py"),
     ])
     print("\n" + body)

@@ -71,8 +71,9 @@ def _prepare(args: argparse.Namespace) -> int:
                                     labels=args.labels, doc_stride=args.doc_stride, truncation=args.truncation,
                                     head_share=args.head_share, windows=args.windows, max_windows=args.max_windows,
                                     **common)
-        cut = (f"{manifest['documents']} documents in windows of {args.max_seq_len}, "
-               f"{manifest['truncated_documents']} cut at --max-windows {args.max_windows}" if args.windows else
+        cap = f", {manifest['truncated_documents']} cut at --max-windows {args.max_windows}" if args.max_windows \
+            else ""
+        cut = (f"{manifest['documents']} documents in windows of {args.max_seq_len}{cap}" if args.windows else
                f"{manifest['truncated']} cut to {args.max_seq_len}" + (f" at the {args.truncation.replace('_', '+')}"
                                                                       if args.truncation != "head" else ""))
         print(f"{args.out}: {manifest['rows']} {manifest['task']} rows, {manifest['num_labels']} labels, "

@@ -21,6 +21,7 @@ import torch
 
 from dtrain.data.shards import ShardedDataset
 from dtrain.data.windows import Cut
+from dtrain.errors import DtrainError
 from dtrain.tasks import Head, LabelMap
 
 Record = tuple  # (dataset index, task-specific arrays ...)
@@ -37,12 +38,17 @@ class Totals:
 
     def means(self) -> dict[str, float]:
         """Each term's mean over its targets (`<term>_loss`), and their sum as `loss`."""
-        out = {f"{k}_loss": v / max(self.counts.get(k, 0.0), 1.0) for k, v in self.sums.items()}
+        out = {f"{k}_loss": v / _nonzero(self.counts.get(k, 0.0)) for k, v in self.sums.items()}
         return {**out, "loss": sum(out.values())} if out else {}
 
     def mean(self) -> float:
         """All terms together over all targets (fine-tuning's single loss)."""
-        return sum(self.sums.values()) / max(sum(self.counts.values()), 1.0)
+        return sum(self.sums.values()) / _nonzero(sum(self.counts.values()))
+
+
+def _nonzero(count: float) -> float:
+    """A count to divide by: itself, or 1 for none (weighted counts may be fractions below 1)."""
+    return count if count > 0 else 1.0
 
 
 def forward_pass(engine: Any, batches: Iterable[Batch], fn: Callable[[torch.nn.Module, Batch], dict],
@@ -96,6 +102,14 @@ class Evaluator:
         """An evaluator of `data` (the config key that names it: `key`), checked to use the training set's label
         map; `options`: the task config section (threshold, n_best, max_answer_length)."""
         LabelMap.load(data.path).check_same(labels, key)
+        have, want = Cut.of(data.manifest), head.task.cut
+        if (have.truncation, have.windows) != (want.truncation, want.windows):
+            def made(cut: Cut) -> str:
+                return "prepare's default (head truncation)" if cut.plain else cut.describe()
+
+            raise DtrainError(f"{key}={data.path} was prepared with {made(have)}, data.train with {made(want)}; "
+                              f"prepare it as data.train was, so that the model is evaluated on texts cut as it "
+                              f"was trained (`dtrain evaluate` takes any set)")
         return cls(head, labels.labels, data, options.threshold, options.n_best, options.max_answer_length)
 
     def _records(self, logits: torch.Tensor, batch: Batch) -> list[Record]:

@@ -15,7 +15,7 @@ from dtrain.data.rows import JSONL_SUFFIXES, TABLE_SUFFIXES, iter_table_rows, re
 from dtrain.data.shards import ShardedDataset, tokenizer_fingerprint
 from dtrain.data.stream import StreamingDataset, StreamLoader
 from dtrain.data.windows import CONFIG_KEY as TEXT_KEY
-from dtrain.data.windows import Cut
+from dtrain.data.windows import Cut, text_room
 from dtrain.engine.local import LocalEngine
 from dtrain.errors import DtrainError
 from dtrain.evaluation import Evaluator, forward_pass, scalar_metrics
@@ -169,6 +169,12 @@ def predict(model_path: str, input_path: str, output: str, text_field: str = "te
                           f"positions; pass at most that (or leave it out)")
     trained = Cut.recall(model.config.to_dict())[0]  # (a model of cut or windowed texts: its training length)
     limit = max_seq_len or (None if trained.plain else trained.max_seq_len) or model.config.max_position_embeddings
+    if trained.windows and trained.stride >= text_room(limit, text_pair_field is not None):
+        pair = " with --text-pair-field (half the window for the pair)" if text_pair_field else ""
+        raise DtrainError(f"--max-seq-len {limit}{pair}: a window would hold {text_room(limit, bool(pair))} tokens "
+                          f"of text, but the model {export_dir_of(model_path)} reads windows sharing "
+                          f"{trained.stride}; pass --max-seq-len {trained.max_seq_len} (its training length) or "
+                          f"leave it out")
     task = _bind(kind, options, tok, labels, text_pair_field is not None, limit, prompt, model_path,
                  "the input (--text-pair-field)", model, window_pooling)
     fields = {"text": text_field, "text_pair": text_pair_field, "question": question_field, "context": context_field}

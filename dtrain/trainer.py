@@ -150,7 +150,8 @@ class Trainer:
                              + [float(sum(int((~b["pad"]).sum()) for b in micro)),
                                 float(sum(int(b["attention_mask"].sum()) for b in micro))])
         totals = all_reduce_sum(local.to(self.engine.device)).cpu()
-        denominators = {k: max(float(totals[i]), 1.0) for i, k in enumerate(names)}
+        # (weighted targets — windows of long documents, 1/windows each — may sum to less than 1: only 0 is replaced)
+        denominators = {k: float(totals[i]) if float(totals[i]) > 0 else 1.0 for i, k in enumerate(names)}
         sums = torch.zeros(len(names), device=self.engine.device)
         self.engine.train()
         for i, batch in enumerate(micro):

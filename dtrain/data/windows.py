@@ -72,6 +72,14 @@ class Cut:
                              f"{' (half is kept for the text pair)' if pairs else ''}; pass --doc-stride from 0 to "
                              f"{room - 1} (e.g. {room // 4})")
 
+    def describe(self) -> str:
+        """The prepare options that made this cut."""
+        if self.windows:
+            return f"--windows --doc-stride {self.stride}" + (f" --max-windows {self.max_windows}"
+                                                              if self.max_windows else "")
+        return f"--truncation {self.truncation}" + (f" --head-share {self.head_share:g}"
+                                                    if self.truncation == "head_tail" else "")
+
     def saved(self, pooling: str | None) -> dict[str, Any]:
         """What a model's config.json keeps (CONFIG_KEY): the cut, its window length and the pooling."""
         return {**asdict(self), "pooling": pooling}
@@ -101,11 +109,13 @@ class Cut:
         """Texts (and pairs) → input_ids, token_type_ids, length per sample; with windows also doc (first + the
         row's number) and windows (its document's count) per window, and `truncated_documents` (a one-element list:
         documents with more windows than max_windows)."""
-        a_ids = tok(texts, add_special_tokens=False)["input_ids"]
-        b_ids = tok(pairs, add_special_tokens=False)["input_ids"] if pairs is not None else [None] * len(texts)
+        a_ids = tok(texts, add_special_tokens=False, verbose=False)["input_ids"]  # (whole: no length warning)
+        b_ids = tok(pairs, add_special_tokens=False, verbose=False)["input_ids"] if pairs is not None else \
+            [None] * len(texts)
         cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
         cols: dict[str, list] = {"input_ids": [], "token_type_ids": [], "length": []}
         if self.windows:
+            self.check(max_seq_len, pairs is not None)  # (windows that advance: callers name the option first)
             cols.update(doc=[], windows=[], truncated_documents=[0])
 
         def add(a: list[int], b: list[int] | None) -> None:

@@ -96,5 +96,7 @@ def mix_replay(cfg: Any, train: ShardedDataset, labels: LabelMap,
         keys = [f"{KEY} ({s['path']}, recorded by model.init_from)" for s in sources]
     for data, key in zip(old, keys, strict=True):
         LabelMap.load(data.path).check_same(labels, key)
-    count = max(1, round(c.replay_fraction * len(train)))
+    # per new document (a windowed set: its documents, each weighing 1 in the loss); a windowed old set's replayed
+    # windows weigh 1/windows each (README: replay counts old rows, not old documents)
+    count = max(1, round(c.replay_fraction * int(train.manifest.get("documents") or len(train))))
     return MixedDataset(train, old, count, cfg.seed)

@@ -117,10 +117,13 @@ class Task:
         document's windows by `pooling` (`where`: the key or option that set it, for errors)."""
         if cut.plain and pooling is None:
             return self
+        if not self.reads_windows and pooling is not None:
+            raise DtrainError(f"{where}={pooling}: task {self.name} has no per-document output to pool or cut (ner "
+                              f"labels tokens, qa windows its contexts itself, prompt wraps the whole text); remove it")
         if not self.reads_windows:
-            what = f"{where}={pooling}" if pooling is not None else f"data prepared with {cut.saved(None)}"
-            raise DtrainError(f"{what}: task {self.name} has no per-document output to pool or cut (ner labels "
-                              f"tokens, qa windows its contexts itself, prompt wraps the whole text); remove it")
+            raise DtrainError(f"the training data was prepared with {cut.describe()}, but task {self.name} reads "
+                              f"whole texts (a cloze prompt wraps the text in its template); prepare it without "
+                              f"--truncation/--windows")
         if pooling is not None:
             self.check_pooling(pooling, where)
         task = object.__new__(type(self))  # (not copy.copy: __reduce__ would give the registry's instance back)

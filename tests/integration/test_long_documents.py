@@ -61,6 +61,15 @@ def test_windowed_classification_learns_the_end_and_reports_and_predicts_per_doc
     assert [p["text"] for p in preds] == [r["text"] for r in rows]
     assert [p["label"] for p in preds] == ["pos", "neg", "neg"], preds
 
+    # a window that would not advance past what consecutive windows share is refused, naming the option
+    bad = run_cli("predict", "--model", str(run_dir), "--input", str(tmp_path / "in.jsonl"), "--output",
+                  str(tmp_path / "bad.jsonl"), "--max-seq-len", "8", "--text-pair-field", "text")
+    assert bad.returncode == 2 and not (tmp_path / "bad.jsonl").exists()
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "dtrain: error: --max-seq-len 8 with --text-pair-field (half the window for the pair): a window would hold 3 "
+        f"tokens of text, but the model {run_dir / 'export'} reads windows sharing 4; pass --max-seq-len 16 (its "
+        "training length) or leave it out")
+
     # evaluate pools as trained, or as --window-pooling says; per document either way
     for extra in ((), ("--window-pooling", "max")):
         ev = run_cli("evaluate", "--model", str(run_dir / "export"), "--data", str(data["test"]), "--output",

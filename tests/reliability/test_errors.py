@@ -393,6 +393,10 @@ CASES = [
     Case("windows", "window-pooling-undefined", (*PROMPT, "task.window_pooling=max"),
          E + "task.window_pooling=max: task prompt has no per-document output to pool or cut (ner labels tokens, qa "
              "windows its contexts itself, prompt wraps the whole text); remove it"),
+    Case("windows", "eval-set-cut-differently", (*FINETUNE, "data.eval={windowed_dev}"),
+         E + "data.eval=<windowed_dev> was prepared with --windows --doc-stride 8, data.train with prepare's default "
+             "(head truncation); prepare it as data.train was, so that the model is evaluated on texts cut as it was "
+             "trained (`dtrain evaluate` takes any set)"),
     Case("launch", "torchrun-nproc-not-a-number",
          (PY, "-m", "launch.torchrun", "dtrain.pretrain", "--config", "configs/pretrain/debug.yaml"),
          "launch.torchrun: error: DTRAIN_NPROC_PER_NODE='zero' is not a whole number; set it to an integer ≥ 1 or "
@@ -497,6 +501,18 @@ def train(sentiment) -> Path:
 @pytest.fixture(scope="session")
 def dev(sentiment) -> Path:
     return sentiment["dev"]
+
+
+@pytest.fixture(scope="session")
+def windowed_dev(tmp_path_factory, tokenizer, train) -> Path:
+    """The dev rows prepared in windows (`--windows`), with the training set's labels."""
+    from dtrain.tasks import prepare_finetune
+
+    root = tmp_path_factory.mktemp("windowed")
+    (root / "dev.jsonl").write_text(TWO_LABELS)
+    prepare_finetune([str(root / "dev.jsonl")], root / "dev", str(tokenizer), max_seq_len=32, workers=1,
+                     labels=str(train), windows=True)
+    return root / "dev"
 
 
 @pytest.fixture(scope="session")

@@ -226,3 +226,16 @@ def test_a_stop_signal_saves_and_returns_preempted(tmp_path, monkeypatch):
     assert (trainer.interrupted, state.step, trainer.checkpointer.latest().name) == ("preempted", 2, "step-00000002")
     assert trainer.engine.loaded == [] and trainer.model_step == 0  # no best reload, no test: a later run resumes
     assert any(line.startswith("a stop signal: saving at step 2") for line in trainer.logger.lines)
+
+
+def test_a_step_divides_by_a_weighted_target_count_below_one(tmp_path):
+    """Windows of long documents weigh 1/windows: 4 windows of 10-window documents count 0.4 targets, and the step's
+    loss is the sum over 0.4 (a mean), not over a floor of 1."""
+    trainer = make(tmp_path)
+    trainer.objective = Objective(lambda model, batch: {"mse": torch.tensor(2.0)},
+                                  lambda batch: {"mse": torch.tensor(0.4)})
+    seen = []
+    trainer.engine.backward = seen.append
+    batch = next(iter(FakeLoader()))
+    trainer.train_step([batch])
+    assert float(seen[0]) == pytest.approx(2.0 / 0.4)
