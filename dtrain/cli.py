@@ -59,7 +59,7 @@ def _prepare(args: argparse.Namespace) -> int:
               "command": "dtrain " + " ".join(sys.argv[1:])}
     if args.prepare_command == "pretrain":
         manifest = prepare.prepare_pretrain(args.inputs, text_field=args.text_field, doc_split=args.doc_split,
-                                            short_seq_prob=args.short_seq_prob, seed=args.seed, **common)
+                                            short_seq_prob=args.short_seq_prob, **common)
         print(f"{args.out}: {manifest['rows']} samples from {manifest['documents']} documents, "
               f"{manifest['sentences']} sentences, {manifest['total_tokens']} tokens in {len(manifest['shards'])} "
               f"shard(s)")
@@ -205,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pretrain":
             p.add_argument("--doc-split", choices=["file", "blank-line"], default="file",
                            help="a .txt file is one document (file), or blank lines separate documents")
-            p.add_argument("--short-seq-prob", type=float, default=0.1, help="share of shorter chunks (0.1)")
-            p.add_argument("--seed", type=int, default=12345, help="seed for chunk lengths")
+            p.add_argument("--short-seq-prob", type=float, default=0.1,
+                           help="share of NSP pairs cut to a random shorter length, drawn at read time (0.1)")
         else:
             p.add_argument("--task", choices=_TaskNames(),
                            help="default: inferred (list labels: multilabel; numbers: regression; CoNLL: ner); "

@@ -26,15 +26,16 @@ from dtrain.schema import ConfigError, build, check_layer, merge, opt, type_name
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name_or_path: str = opt("bert-base-uncased", "Pretrained: a Hub id (HF cache, or the Hub) or a local HF "
-                                                 "checkpoint dir; random init: preset:NAME (preset:bert-base-uncased, "
-                                                 "...) or tiny")
+    name_or_path: str = opt("bert-base-uncased", "Pretrained: a Hub id (HF cache or Hub) or a local HF checkpoint "
+                                                 "dir; random init: preset:NAME (preset:bert-base-uncased) or tiny")
     tokenizer: str | None = opt(None, "Tokenizer dir or example name; null: the checkpoint's (uncased presets: minilm)")
     init_from: str | None = opt(None, "Fine-tuning: start from an earlier fine-tuned run dir or its export "
                                       "(encoder and head weights)")
     dropout: float | None = opt(None, "Override hidden and attention dropout; null keeps the checkpoint's", ge=0, lt=1)
     attn_implementation: Literal["sdpa", "eager"] = opt("sdpa", "Attention kernel: sdpa (fused) or eager")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory")
+    unpad: bool = opt(True, "Dense layers on the real tokens only, attention re-padded (sdpa; same weights and math)")
+    compile: bool = opt(False, "torch.compile the encoder (inductor, dynamic shapes: compiled once, at the first step)")
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,6 @@ class EvalConfig:
 class EarlyStoppingConfig:
     patience: int | None = opt(None, "Stop after N evaluations without improvement; null = never stop early", ge=1)
     min_delta: float = opt(0.0, "An evaluation improves only if it beats the best by more than this", ge=0)
-
-
 
 
 def _task_names() -> list[str]:

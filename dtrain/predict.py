@@ -31,7 +31,7 @@ from dtrain.files import (
 from dtrain.locks import output_lock
 from dtrain.metrics import format_report
 from dtrain.model import adapters
-from dtrain.model.bert import load_model, quiet_transformers
+from dtrain.model.bert import load_model, quiet_transformers, set_encoder
 from dtrain.model.heads import export_dir_of
 from dtrain.model.tokenizer import load_tokenizer
 from dtrain.tasks import TASKS, FinetuneCollator, Head, LabelMap, Task, get_task, task_of_model
@@ -164,6 +164,7 @@ def predict(model_path: str, input_path: str, output: str, text_field: str = "te
     read = [("--input", input_path), ("--model", export_dir_of(model_path)), ("--prompt", prompt)]
     check_output(output, PREDICTIONS, [(k, v) for k, v in read if v], overwrite, "--output")
     model, tok, kind, labels, options = load_finetuned(model_path, prompt)
+    set_encoder(model)  # unpadded: the same outputs, sooner
     if max_seq_len and max_seq_len > model.config.max_position_embeddings:
         raise DtrainError(f"--max-seq-len {max_seq_len}: the model has {model.config.max_position_embeddings} "
                           f"positions; pass at most that (or leave it out)")
@@ -199,6 +200,7 @@ def evaluate(model_path: str, data_path: str, batch_size: int = 32, threshold: f
         read = [("--data", data_path), ("--model", export_dir_of(model_path)), ("--prompt", prompt)]
         check_output(output, REPORT, [(k, v) for k, v in read if v], overwrite, "--output")
     model, tok, kind, labels, options = load_finetuned(model_path, prompt)
+    set_encoder(model)  # unpadded: the same outputs, sooner
     data = ShardedDataset(data_path, expect_fingerprint=tokenizer_fingerprint(tok))
     prepared = LabelMap.load(Path(data_path))
     if prompt is not None:  # zero-shot: the data's labels, in its order (the verbalizer must cover them)

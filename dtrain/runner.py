@@ -37,6 +37,7 @@ from dtrain.files import check_apart, place_problem, write_atomic
 from dtrain.locks import lock_run_dir
 from dtrain.logging import RunLogger, peak_flops
 from dtrain.methods.distill import weights_source
+from dtrain.model.bert import set_encoder
 from dtrain.model.source import origin, origin_line
 from dtrain.model.tokenizer import tokenizer_for
 from dtrain.trainer import Objective, Plan, Trainer, TrainerSections
@@ -208,7 +209,9 @@ def build_trainer(cfg: Config, env: DistEnv, run: Run, streams: dict[str, Stream
             return run.evaluate(engine, {s: x for s, x in streams.items() if s != "train"})
 
     eval_every = cfg.eval.every_steps or (steps_per_epoch(cfg, train) if evaluate else None)
-    engine = build_engine(cfg, run.model, env, steps)
+    m = cfg.model
+    stage = cfg.parallel.zero_stage if cfg.parallel.engine == "deepspeed" else None
+    engine = build_engine(cfg, set_encoder(run.model, m.unpad, m.gradient_checkpointing, m.compile, stage), env, steps)
     logger = _RUN.logger = RunLogger(cfg.run_dir, env.is_main, steps, cfg.logging.every_steps, cfg.logging.tensorboard,
                                      cfg.logging.progress_bar, run.flops_per_token, peak_flops(env.device),
                                      env.world_size)

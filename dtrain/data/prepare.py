@@ -103,27 +103,21 @@ def split_sentences(document: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def chunk_document(sentences: list[list[int]], max_tokens: int, rng: np.random.Generator,
-                   short_seq_prob: float = 0.1) -> list[list[list[int]]]:
-    """Greedy packing of consecutive sentences into chunks of about `max_tokens` tokens (BERT's
-    create_instances_from_document); with probability short_seq_prob a chunk aims shorter. A sentence longer than
-    max_tokens is cut into pieces."""
+def chunk_document(sentences: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
+    """Greedy packing of consecutive sentences into chunks of at most `max_tokens` tokens; a sentence longer than
+    max_tokens is cut into pieces. A chunk is a sample; its NSP pair is made at read time (dtrain/data/pretraining.py:
+    A from the chunk, B filling the target length from the document's next chunks or another document, and the
+    short-sequence rate drawn there), so no text is dropped here and the pairs change from epoch to epoch."""
     pieces = [s[i:i + max_tokens] for s in sentences if s for i in range(0, len(s), max_tokens)]
     chunks: list[list[list[int]]] = []
     current: list[list[int]] = []
     size = 0
-    target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
     for piece in pieces:
         if current and size + len(piece) > max_tokens:
             chunks.append(current)
             current, size = [], 0
-            target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
         current.append(piece)
         size += len(piece)
-        if size >= target:
-            chunks.append(current)
-            current, size = [], 0
-            target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
     if current:
         chunks.append(current)
     return chunks
@@ -146,7 +140,7 @@ def _token_ids(texts: list[str]) -> list[list[int]]:
     return [e.ids for e in _WORKER["backend"].encode_batch(texts, add_special_tokens=False)] if texts else []
 
 
-def _pretrain_task(task: tuple[int, list[str]], max_tokens: int, short_seq_prob: float, seed: int) -> dict:
+def _pretrain_task(task: tuple[int, list[str]], max_tokens: int) -> dict:
     first_doc, docs = task
     doc_sentences = [split_sentences(d) for d in docs]
     ids = _token_ids([s for sents in doc_sentences for s in sents])
@@ -157,7 +151,7 @@ def _pretrain_task(task: tuple[int, list[str]], max_tokens: int, short_seq_prob:
         tokens = ids[at:at + len(sents)]
         at += len(sents)
         doc = first_doc + i
-        chunks = chunk_document(tokens, max_tokens, np.random.default_rng([seed, doc]), short_seq_prob)
+        chunks = chunk_document(tokens, max_tokens)
         stats["documents"] += bool(chunks)
         stats["sentences"] += sum(len(c) for c in chunks)
         for chunk in chunks:
@@ -202,10 +196,12 @@ def check_prepare_out(out: str | os.PathLike, inputs: list[str], tokenizer: str,
 
 def prepare_pretrain(inputs: list[str], out: str | os.PathLike, tokenizer: str, max_seq_len: int = 128,
                      short_seq_prob: float = 0.1, text_field: str = "text", doc_split: str = "file",
-                     workers: int | None = None, shard_bytes: int = 64 << 20, seed: int = 12345,
+                     workers: int | None = None, shard_bytes: int = 64 << 20,
                      overwrite: bool = False, command: str | None = None) -> dict[str, Any]:
     """Raw text → pretraining shards in `out`; returns the manifest."""
     check_workers(workers)
+    if not 0 <= short_seq_prob <= 1:
+        raise ShardError(f"--short-seq-prob {short_seq_prob}: a share of the NSP pairs, so between 0 and 1 (BERT: 0.1)")
     if max_seq_len < MIN_SEQ_LEN:  # before any work (the upper bound needs the tokenizer: below)
         check_prepare_len(max_seq_len, None, tokenizer, None)
     check_prepare_out(out, inputs, tokenizer, None, overwrite)
@@ -214,7 +210,7 @@ def prepare_pretrain(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
     check_prepare_len(max_seq_len, tok, tokenizer, tok.name_or_path)
     meta_tok = tokenizer_meta(tok, tokenizer)
     docs = iter_documents(inputs, text_field, doc_split)
-    fn = partial(_pretrain_task, max_tokens=max_seq_len - 3, short_seq_prob=short_seq_prob, seed=seed)
+    fn = partial(_pretrain_task, max_tokens=max_seq_len - 3)
     totals = {"documents": 0, "sentences": 0, "tokens": 0}
     with atomic_output_dir(out, overwrite, kind=DATASET, error=ShardError) as tmp:
         writer = ShardWriter(tmp, PRETRAIN_SCHEMA, shard_bytes)
@@ -234,7 +230,7 @@ def prepare_pretrain(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
                              f"the documents of a file)")
         manifest = writer.close(kind="pretrain", tokenizer=meta_tok, max_seq_len=max_seq_len,
                                 total_tokens=totals["tokens"], documents=totals["documents"],
-                                sentences=totals["sentences"], short_seq_prob=short_seq_prob, seed=seed,
+                                sentences=totals["sentences"], short_seq_prob=short_seq_prob,
                                 prepare={"command": command or " ".join(sys.argv), "inputs": [str(i) for i in inputs],
                                          "doc_split": doc_split, "text_field": text_field})
     return manifest

@@ -17,7 +17,7 @@ from dtrain.data.shards import ShardedDataset, ShardError
 IS_NEXT, IS_RANDOM = 0, 1  # next_sentence_label, as in transformers' BertForPreTraining
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _STREAM_PAIR, _STREAM_SELECT, _STREAM_ACTION, _STREAM_REPLACE = (np.uint64(k) for k in (1, 2, 3, 4))
-_PAIR_DRAWS = 36  # cut, is-next, up to 33 tries for a sample of another document, its start sentence
+_PAIR_DRAWS = 38  # short?, short length, cut, is-next, up to 33 tries for another document, its start
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -79,6 +79,7 @@ class PretrainingCollator:
         self.data, self.max_seq_len, self.seed = data, max_seq_len, seed
         self.mlm_probability, self.max_predictions = mlm_probability, max_predictions_per_seq
         self.whole_word, self.nsp_probability, self.multiple = whole_word_masking, nsp_probability, pad_to_multiple_of
+        self.short_seq_prob = float(data.manifest.get("short_seq_prob", 0.1))  # `prepare --short-seq-prob`
         self.cls, self.sep = tokenizer.cls_token_id, tokenizer.sep_token_id
         self.mask, self.pad_id = tokenizer.mask_token_id, tokenizer.pad_token_id
         vocab = len(tokenizer)
@@ -92,35 +93,83 @@ class PretrainingCollator:
 
     # -- NSP ------------------------------------------------------------------------------------------------------
 
+    def _following(self, index: int, doc: int, ids: np.ndarray, need: int) -> np.ndarray:
+        """`ids` continued with the samples after `index` while they belong to `doc`, until `need` tokens."""
+        parts, have = [ids], len(ids)
+        while have < need and index + 1 < len(self.data) and int(self.data.get(index + 1, "doc")) == doc:
+            index += 1
+            more = np.asarray(self.data.get(index, "input_ids"), dtype=np.int64)
+            parts.append(more)
+            have += len(more)
+        return np.concatenate(parts)[:need] if len(parts) > 1 else ids[:need]
+
+    def _last_of_doc(self, index: int, doc: int) -> bool:
+        return index + 1 >= len(self.data) or int(self.data.get(index + 1, "doc")) != doc
+
+    def _tokens_after(self, index: int, doc: int, need: int) -> int:
+        """Tokens of `doc` in the samples after `index` (counted up to `need`)."""
+        have = 0
+        while have < need and not self._last_of_doc(index, doc):
+            index += 1
+            have += int(self.data.get(index, "length"))
+        return have
+
     def _random_segment(self, doc: int, u: np.ndarray, budget: int) -> tuple[np.ndarray, int]:
-        """Up to `budget` tokens from a random sentence on of a sample of another document, and that document."""
+        """`budget` tokens from a random sentence on of a random sample of another document, continued into that
+        document's next samples, and that document. Only starts with the whole budget after them in their document
+        count (another sample is drawn where there is none), so B is short only when the draws run out."""
+        budget, found = max(1, budget), None
         for attempt in range(len(u) - 1):
-            other = self.data[int(u[attempt] * len(self.data))]
-            if int(other["doc"]) != doc:
+            index = int(u[attempt] * len(self.data))
+            other = self.data[index]
+            if int(other["doc"]) == doc:
+                continue
+            ends = other["sentence_ends"]
+            starts = np.array([0, *ends[:-1]], dtype=np.int64) if len(ends) else np.zeros(1, dtype=np.int64)
+            after = self._tokens_after(index, int(other["doc"]), budget)
+            starts = starts[len(other["input_ids"]) - starts + after >= budget]
+            found = found or (index, other, np.zeros(1, dtype=np.int64))
+            if len(starts):
+                found = (index, other, starts)
                 break
-        else:
+        if found is None:
             raise ShardError(f"{self.data.path}: NSP negatives need at least two documents; add documents or "
                              f"check --doc-split")
-        ids, ends = other["input_ids"], other["sentence_ends"]
-        start = 0 if len(ends) < 2 else int(([0, *ends[:-1]])[int(u[-1] * len(ends))])
-        return np.asarray(ids[start:start + max(1, budget)], dtype=np.int64), int(other["doc"])
+        index, other, starts = found
+        start = int(starts[int(u[-1] * len(starts))])
+        ids = np.asarray(other["input_ids"], dtype=np.int64)
+        return self._following(index, int(other["doc"]), ids[start:], budget), int(other["doc"])
+
+    def target(self, u: np.ndarray) -> int:
+        """Tokens A + B aim at: the whole budget, or (short_seq_prob of the samples) a random length from 2 on, as
+        BERT's create_instances_from_document; decided here, at read time, so it varies from epoch to epoch."""
+        max_tokens = self.max_seq_len - 3
+        return max_tokens if u[0] >= self.short_seq_prob else 2 + int(u[1] * (max_tokens - 1))
 
     def pair(self, sample: dict[str, Any], u: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
         """(segment A, segment B, next_sentence_label, the document B comes from) for one sample, from its
-        uniform numbers `u` (the sample's row of the _STREAM_PAIR stream)."""
+        uniform numbers `u` (the sample's row of the _STREAM_PAIR stream).
+
+        A + B fill the target length (BERT's original data generation): A ends at a random sentence end of the
+        sample below the target; the true next B runs on into the document's next samples, a random B is taken
+        from a start with enough text after it. Only a document's last words leave a true-next pair short."""
         ids = np.asarray(sample["input_ids"], dtype=np.int64)
-        ends = sample["sentence_ends"]
-        max_tokens = self.max_seq_len - 3
-        if len(ends) >= 2:
-            cut = int(ends[int(u[0] * (len(ends) - 1))])
-        else:  # one sentence: the continuation is the rest of it
-            cut = 1 + int(u[0] * (len(ids) - 1)) if len(ids) >= 2 else len(ids)
-        a, rest = ids[:cut], ids[cut:]
-        if len(rest) and u[1] < self.nsp_probability:
-            b, label, b_doc = rest, IS_NEXT, int(sample["doc"])
+        ends = np.asarray(sample["sentence_ends"], dtype=np.int64)
+        target, doc = self.target(u), int(sample["doc"])
+        inner = ends[:-1][ends[:-1] < target]  # sentence ends that leave room for B
+        if len(inner):
+            cut = int(inner[int(u[2] * len(inner))])
+        else:  # no sentence boundary fits: cut inside the first sentence
+            span = min(len(ids), target)
+            cut = 1 + int(u[2] * (span - 1)) if span >= 2 else span
+        a = ids[:cut]
+        index = int(sample["index"])
+        more = len(ids) > cut or not self._last_of_doc(index, doc)
+        if more and u[3] < self.nsp_probability:
+            b, label, b_doc = self._following(index, doc, ids[cut:], target - len(a)), IS_NEXT, doc
         else:
-            (b, b_doc), label = self._random_segment(int(sample["doc"]), u[2:], max_tokens - len(a)), IS_RANDOM
-        a, b = truncate_pair(a, b, max_tokens)
+            (b, b_doc), label = self._random_segment(doc, u[4:], target - len(a)), IS_RANDOM
+        a, b = truncate_pair(a, b, self.max_seq_len - 3)
         return a, b, label, b_doc
 
     # -- MLM ------------------------------------------------------------------------------------------------------

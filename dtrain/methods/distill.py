@@ -30,6 +30,7 @@ import torch
 
 from dtrain.data.shards import tokenizer_fingerprint
 from dtrain.errors import DtrainError
+from dtrain.model.bert import set_encoder
 from dtrain.model.heads import export_dir_of
 from dtrain.model.tokenizer import TokenizerError, load_tokenizer
 from dtrain.tasks import Task, init_from_run, keep_settings, task_model
@@ -109,7 +110,7 @@ def load_teacher(task: Task, path: str, key: str, labels: Sequence[str], tokeniz
                           f"({tokenizer_fingerprint(tokenizer)}): the same ids would mean other words; use a teacher "
                           f"trained with the run's tokenizer (model.tokenizer)")
     model, _ = init_from_run(task, str(source), labels, False, None, cfg.model.attn_implementation)
-    model.eval()
+    set_encoder(model.eval(), cfg.model.unpad)
     return model.requires_grad_(False)
 
 

@@ -186,6 +186,8 @@ class Qa(Task):
         width = logits.shape[1]  # the mean of the start and end cross-entropies; answers past the end ignored
         start = batch["start_position"].clamp(max=width - 1)
         end = batch["end_position"].clamp(max=width - 1)
+        # padding is never an answer: out of the softmax, so a window's loss does not depend on its batch-mates
+        logits = logits.masked_fill(~batch["attention_mask"].bool()[..., None], torch.finfo(logits.dtype).min)
         ce = sum(F.cross_entropy(logits[..., i], pos, ignore_index=IGNORE, reduction="sum")
                  for i, pos in enumerate((start, end)))
         return {"span": ce / 2}

@@ -31,9 +31,11 @@ def test_task_trains_reports_and_serves(task, metric, floor, tokenizer_dir, tmp_
     data = write_task(task, tmp_path / "data", tokenizer_dir)
     # multilabel at lr 3e-3 for 160 steps depends on the dropout stream (seed 42 collapses to micro-F1 0.74, seeds
     # 1-3 reach 0.85-1.0); at 2e-3 for 240 steps seed 42 reaches 1.0 (seeds 1-3: 1.0, 0.85, 1.0)
+    # ner at 80 steps sits at the floor with some dropout streams (unpadded encoder, seeds 42/1/2/3: F1 0.80, 0.77,
+    # 0.86, 0.83; padded: 0.85, 0.88, 0.90, 0.85; equal without dropout, equal mean gradients); 120 steps: 0.85-0.92
     lr = ["optim.lr=2e-3"] if task == "multilabel" else []
     result, report = finetune(tmp_path, tokenizer_dir, data, f"task.type={task}", *lr,
-                              steps={"regression": 80, "ner": 80, "multilabel": 240}.get(task, 160))
+                              steps={"regression": 80, "ner": 120, "multilabel": 240}.get(task, 160))
     assert report["task"] == task and report["metric"] == metric
     assert report["test"][metric] >= floor, report["test"]
     assert f"test set {data['test']}" in result.stdout

@@ -31,9 +31,13 @@ def test_multilabel_regression_and_qa_losses_skip_padding_rows():
     batch = {"labels": torch.tensor([1.0, float("nan")])}
     assert float(reg.loss_terms(torch.tensor([[3.0], [9.0]]), batch)["mse"]) == pytest.approx(4.0)
     qa = Head("qa")
-    batch = {"start_position": torch.tensor([1, IGNORE]), "end_position": torch.tensor([2, IGNORE])}
+    batch = {"start_position": torch.tensor([1, IGNORE]), "end_position": torch.tensor([2, IGNORE]),
+             "attention_mask": torch.ones(2, 4, dtype=torch.long)}
     logits = torch.zeros(2, 4, 2)
     assert float(qa.loss_terms(logits, batch)["span"]) == pytest.approx(np.log(4))
+    batch["attention_mask"][0, 3] = 0  # padding is no answer: out of the softmax, whatever its logit
+    logits[0, 3] = 50.0
+    assert float(qa.loss_terms(logits, batch)["span"]) == pytest.approx(np.log(3))
     assert int(qa.counts(batch)["span"]) == 1
 
 

@@ -5,6 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from dtrain.data import pretraining as P
 from dtrain.data.prepare import prepare_pretrain
 from dtrain.data.pretraining import IGNORE, IS_NEXT, IS_RANDOM, PretrainingCollator, truncate_pair
 from dtrain.data.shards import ShardedDataset
@@ -92,22 +93,65 @@ def test_whole_word_masking_is_all_or_nothing(big_data, tok):
     assert masked > 0
 
 
+def doc_tokens(data):
+    """Each document's tokens, in order (its samples are consecutive rows)."""
+    docs = {}
+    for i in range(len(data)):
+        docs.setdefault(int(data.get(i, "doc")), []).extend(np.asarray(data.get(i, "input_ids")).tolist())
+    return {d: np.array(t) for d, t in docs.items()}
+
+
+def contains(haystack, needle):
+    n = len(needle)
+    return n == 0 or any(np.array_equal(haystack[i:i + n], needle) for i in range(len(haystack) - n + 1))
+
+
 def test_nsp_half_next_half_random_and_negatives_from_other_documents(big_data, tok):
     col = PretrainingCollator(big_data, tok, 128, seed=5)
+    docs = doc_tokens(big_data)
     labels = Counter()
     for sample, e in examples(col, big_data, epochs=2):
         labels[e["b_doc"] == int(sample["doc"])] += 1
         ids = np.asarray(sample["input_ids"])
         a, b = e["a"], e["b"]
-        assert len(a) + len(b) <= 128 - 3
+        assert len(a) + len(b) <= 128 - 3 and len(a) and len(b)
+        assert np.array_equal(a, ids[:len(a)])  # A: the sample's start
         if e["nsp"] == IS_NEXT:
             assert e["b_doc"] == sample["doc"]
-            assert np.array_equal(np.concatenate([a, b]), ids[: len(a) + len(b)])  # the true continuation
+            assert contains(docs[int(sample["doc"])], np.concatenate([a, b]))  # the true continuation, across samples
         else:
             assert e["nsp"] == IS_RANDOM and e["b_doc"] != sample["doc"]
+            assert contains(docs[e["b_doc"]], b)  # consecutive text of the other document
     share_next = labels[True] / sum(labels.values())
     assert sum(labels.values()) > 2000
     assert abs(share_next - 0.5) < 0.02
+
+
+def test_nsp_pairs_fill_their_target_length(big_data, tok):
+    """A + B reach the sample's target (BERT's data generation): the budget, or for the short share a random
+    length; a true-next pair falls short only where its document ends."""
+    assert big_data.manifest["short_seq_prob"] == 0.1
+    col = PretrainingCollator(big_data, tok, 128, seed=8)
+    docs = doc_tokens(big_data)
+    targets, random_short, doc_ends = [], 0, 0
+    for sample, e in examples(col, big_data, epochs=2):
+        keys = P.sample_keys(8, int(sample["epoch"]), np.array([int(sample["index"])]))
+        target = col.target(P.uniform(keys[:, None], P._STREAM_PAIR, np.arange(P._PAIR_DRAWS))[0])
+        targets.append(target)
+        pair = np.concatenate([e["a"], e["b"]])
+        if len(pair) == target:
+            continue
+        assert len(pair) < target
+        if e["nsp"] == IS_NEXT:  # the document ends: B is all of its rest
+            whole = docs[int(sample["doc"])]
+            assert np.array_equal(whole[len(whole) - len(e["b"]):], e["b"])
+            doc_ends += 1
+        else:
+            random_short += 1
+    targets = np.array(targets)
+    assert 0.08 < (targets < 125).mean() < 0.12 and targets.min() >= 2  # the 10% short-sequence rate
+    assert random_short / len(targets) < 0.01  # a random B fills its budget
+    assert doc_ends / len(targets) < 0.2  # 4-sample documents here
 
 
 def test_examples_are_deterministic_per_seed_epoch_index(big_data, tok):
