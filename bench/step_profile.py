@@ -59,11 +59,12 @@ def kind_of(name: str) -> str:
 
 def dtrain_side(shards: Path, model_dir: Path, n: int, seed: int) -> tuple[torch.nn.Module, Callable, list[dict],
                                                                              torch.optim.Optimizer]:
-    from dtrain.model.bert import pretraining_counts, pretraining_losses, pretraining_model
+    from dtrain.model.bert import pretraining_counts, pretraining_losses, pretraining_model, set_encoder
     from dtrain.optim import build_optimizer
 
     cfg, batches = dtrain_batches(shards, model_dir, 1, 0, n, seed)
     model, _ = pretraining_model(str(model_dir), attn_implementation="sdpa")
+    set_encoder(model, cfg.model.unpad, cfg.model.gradient_checkpointing, cfg.model.compile)  # as dtrain.runner
 
     def loss(batch: dict) -> torch.Tensor:  # per-target means, as the trainer normalises a 1-process step
         parts, counts = pretraining_losses(model, batch), pretraining_counts(batch)

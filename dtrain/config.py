@@ -35,7 +35,7 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager"] = opt("sdpa", "Attention kernel: sdpa (fused) or eager")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory")
     unpad: bool = opt(True, "Dense layers on the real tokens only, attention re-padded (sdpa; same weights and math)")
-    compile: bool = opt(False, "torch.compile the encoder (inductor, dynamic shapes: compiled once, at the first step)")
+    compile: bool = opt(False, "torch.compile the encoder (inductor; dynamic shapes, so it compiles at the first step)")
 
 
 @dataclass(frozen=True)

@@ -117,8 +117,9 @@ class PretrainingCollator:
     def _random_segment(self, doc: int, u: np.ndarray, budget: int) -> tuple[np.ndarray, int]:
         """`budget` tokens from a random sentence on of a random sample of another document, continued into that
         document's next samples, and that document. Only starts with the whole budget after them in their document
-        count (another sample is drawn where there is none), so B is short only when the draws run out."""
-        budget, found = max(1, budget), None
+        count; a sample without one is passed over for the next draw, and if no draw has one, B comes from the
+        start of the drawn sample with the most text after it (short only then)."""
+        budget, best = max(1, budget), None
         for attempt in range(len(u) - 1):
             index = int(u[attempt] * len(self.data))
             other = self.data[index]
@@ -126,16 +127,17 @@ class PretrainingCollator:
                 continue
             ends = other["sentence_ends"]
             starts = np.array([0, *ends[:-1]], dtype=np.int64) if len(ends) else np.zeros(1, dtype=np.int64)
-            after = self._tokens_after(index, int(other["doc"]), budget)
-            starts = starts[len(other["input_ids"]) - starts + after >= budget]
-            found = found or (index, other, np.zeros(1, dtype=np.int64))
-            if len(starts):
-                found = (index, other, starts)
+            text = len(other["input_ids"]) + self._tokens_after(index, int(other["doc"]), budget)
+            roomy = starts[text - starts >= budget]
+            if len(roomy):
+                best = (index, other, roomy)
                 break
-        if found is None:
+            if best is None or text > best[3]:
+                best = (index, other, starts[:1], text)
+        if best is None:
             raise ShardError(f"{self.data.path}: NSP negatives need at least two documents; add documents or "
                              f"check --doc-split")
-        index, other, starts = found
+        index, other, starts = best[:3]
         start = int(starts[int(u[-1] * len(starts))])
         ids = np.asarray(other["input_ids"], dtype=np.int64)
         return self._following(index, int(other["doc"]), ids[start:], budget), int(other["doc"])

@@ -16,9 +16,11 @@ bottleneck adapters or wrapped by LoRA are called as they are.
 
 The padded path is taken where this one does not apply: inputs_embeds (soft prompts), explicit position ids,
 attention outputs or hidden states asked for, a decoder config, gradient checkpointing, or attn_implementation other
-than sdpa. A batch without padding takes this path too (a few copies; no data-dependent branch, so a compiled encoder
-keeps one graph and a GPU does not sync). Dropout draws differ from the padded path's (other shapes), so
-outputs are equal to HF's with dropout off (tests/unit/test_unpad.py) and statistically the same with it on.
+than sdpa. A batch without padding takes this path too (a few copies; the path never depends on the data, so all
+ranks call the same modules in the same order, as ZeRO-3 needs). Reading the token count (`nonzero`) is one host
+sync per forward on a GPU and a graph break under model.compile (the regions either side compile with dynamic
+shapes). Dropout draws differ from the padded path's (other shapes), so outputs are equal to HF's with dropout off
+(tests/unit/test_unpad.py) and statistically the same with it on (equal mean gradients over many draws, tested).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 from transformers import BertModel
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-_PADDED_ONLY = ("inputs_embeds", "position_ids", "encoder_hidden_states", "cache")
+_PADDED_ONLY = ("inputs_embeds", "position_ids", "encoder_hidden_states", "encoder_attention_mask", "cache",
+                "past_key_values")
 
 
 class UnpaddedBertModel(BertModel):
@@ -39,8 +42,9 @@ class UnpaddedBertModel(BertModel):
     def _takes_unpadded(self, input_ids: Any, attention_mask: Any, kwargs: dict[str, Any]) -> bool:
         if input_ids is None or attention_mask is None or attention_mask.dim() != 2:
             return False
-        if any(kwargs.get(k) is not None for k in _PADDED_ONLY) or kwargs.get("output_attentions") \
-                or kwargs.get("output_hidden_states") or kwargs.get("use_cache"):
+        if any(kwargs.get(k) is not None for k in _PADDED_ONLY) or kwargs.get("use_cache"):
+            return False
+        if any(kwargs.get(k, getattr(self.config, k, False)) for k in ("output_attentions", "output_hidden_states")):
             return False
         return not (self.config.is_decoder or self.gradient_checkpointing or self.config._attn_implementation != "sdpa")
 

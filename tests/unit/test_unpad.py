@@ -127,7 +127,7 @@ def test_dropout_on_trains_and_differs_between_draws():
     assert not torch.allclose(one, two)  # dropout is applied on the unpadded path
 
 
-def test_unpad_keeps_adapters_lora_and_the_export_class():
+def test_unpad_keeps_adapters_and_the_export_class():
     from dtrain.model.adapters import add_adapters
 
     torch.manual_seed(0)
@@ -161,3 +161,45 @@ def test_set_encoder_applies_unpad_and_gradient_checkpointing():
         m(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1, 0, 1])).loss.backward()
     for (name, a), b in zip(reference.named_parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+@pytest.mark.parametrize("hidden, attention", [(0.1, 0.0), (0.0, 0.3)])
+def test_with_dropout_on_outputs_are_distributed_as_hf_s(hidden, attention):
+    """Dropout draws differ between the paths, their distribution does not: over many draws each output's mean and
+    spread match HF's (one dropout kind at a time, so a missing or rescaled dropout anywhere shows in the spread)."""
+    torch.manual_seed(0)
+    cfg = config(num_labels=5)
+    cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob = hidden, attention
+    cfg.initializer_range = 0.3  # peaked attention, so that attention dropout moves the outputs
+    reference = transformers.BertForTokenClassification(cfg).train()
+    model = unpad(copy.deepcopy(reference)).train()
+    ids, mask, types = batch()
+
+    def spread(m, seed, draws=300):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = torch.stack([m(input_ids=ids, attention_mask=mask, token_type_ids=types).logits[mask.bool()]
+                               for _ in range(draws)])
+        return out.mean(0), out.std(0).mean()
+
+    (mean_a, std_a), (mean_b, std_b), (mean, std) = spread(reference, 1), spread(reference, 2), spread(model, 3)
+    assert std_a > 0.005  # the dropout under test does move the outputs
+    assert abs(std / std_a - 1) < 0.05 and abs(std_b / std_a - 1) < 0.05
+    noise = (mean_a - mean_b).abs().mean()
+    assert (mean - mean_a).abs().mean() < 2 * noise
+
+
+def test_lora_wrapped_model_unpads_and_merges_to_plain_hf():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(config(num_labels=2)).eval()
+    reference = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
+    model = unpad(copy.deepcopy(reference))
+    assert type(model.base_model.model.bert) is UnpaddedBertModel
+    ids, mask, types = batch(9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                   reference(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
+    merged = padded(model.merge_and_unload())
+    assert type(merged.bert) is transformers.BertModel and type(merged).__name__ == "BertForSequenceClassification"
