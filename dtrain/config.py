@@ -117,8 +117,7 @@ class LoggingConfig:
     every_steps: int = opt(10, "Log loss, LR, throughput and MFU every N optimizer steps", ge=1)
     tensorboard: bool = opt(True, "Write TensorBoard event files to <run_dir>/tb")
     progress_bar: bool = opt(True, "Show a progress bar on rank 0")
-    ledger: bool = opt(False, "Debug: every rank appends the sample ids of each optimizer step to "
-                              "<run_dir>/ledger/rank-R.jsonl (proves exactly-once data across restarts)")
+    ledger: bool = opt(False, "Debug: each rank appends each step's sample ids to <run_dir>/ledger/rank-R.jsonl")
 
 
 @dataclass(frozen=True)
@@ -358,7 +357,9 @@ def validate(cfg: Config) -> None:
         (cfg.eval.metric and cfg.eval.metric.startswith(tuple(extra)), f"eval.metric={cfg.eval.metric}: the "
          f"data.eval_extra sets are watched, never used to pick the model; name a metric of data.eval"),
         (p.engine == "ddp" and p.zero_stage != 0, f"parallel.zero_stage={p.zero_stage} needs parallel.engine="
-         f"deepspeed (DDP has no ZeRO); set parallel.engine=deepspeed or parallel.zero_stage=0")]:
+         f"deepspeed (DDP has no ZeRO); set parallel.engine=deepspeed or parallel.zero_stage=0"),
+        (cfg.model.compile and p.engine == "deepspeed" and p.zero_stage == 3, "model.compile=true with DeepSpeed "
+         "ZeRO-3: its parameter hooks do not compile; use parallel.zero_stage 0-2 or DDP, or model.compile=false")]:
         if wrong:
             raise ConfigError(message)
 

@@ -210,8 +210,7 @@ def build_trainer(cfg: Config, env: DistEnv, run: Run, streams: dict[str, Stream
 
     eval_every = cfg.eval.every_steps or (steps_per_epoch(cfg, train) if evaluate else None)
     m = cfg.model
-    stage = cfg.parallel.zero_stage if cfg.parallel.engine == "deepspeed" else None
-    engine = build_engine(cfg, set_encoder(run.model, m.unpad, m.gradient_checkpointing, m.compile, stage), env, steps)
+    engine = build_engine(cfg, set_encoder(run.model, m.unpad, m.gradient_checkpointing, m.compile), env, steps)
     logger = _RUN.logger = RunLogger(cfg.run_dir, env.is_main, steps, cfg.logging.every_steps, cfg.logging.tensorboard,
                                      cfg.logging.progress_bar, run.flops_per_token, peak_flops(env.device),
                                      env.world_size)

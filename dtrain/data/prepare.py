@@ -201,7 +201,8 @@ def prepare_pretrain(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
     """Raw text → pretraining shards in `out`; returns the manifest."""
     check_workers(workers)
     if not 0 <= short_seq_prob <= 1:
-        raise ShardError(f"--short-seq-prob {short_seq_prob}: a share of the NSP pairs, so between 0 and 1 (BERT: 0.1)")
+        raise ShardError(f"--short-seq-prob {short_seq_prob}: it is the share of NSP pairs cut short; pass a value "
+                         f"from 0 to 1 (BERT's: 0.1)")
     if max_seq_len < MIN_SEQ_LEN:  # before any work (the upper bound needs the tokenizer: below)
         check_prepare_len(max_seq_len, None, tokenizer, None)
     check_prepare_out(out, inputs, tokenizer, None, overwrite)

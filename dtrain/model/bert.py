@@ -122,14 +122,14 @@ def pretraining_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
 
 
 def set_encoder(model: torch.nn.Module, unpad: bool = True, gradient_checkpointing: bool = False,
-                compile: bool = False, zero_stage: int | None = None) -> torch.nn.Module:
+                compile: bool = False) -> torch.nn.Module:
     """`model.unpad`, `model.gradient_checkpointing` and `model.compile` applied to a model (in place) before an
     engine wraps it. Checkpointed layers run HF's padded path (dtrain/model/unpad.py says when unpadding steps aside).
 
     compile: torch.compile of the BERT encoder module (nn.Module.compile: parameter names and state dicts unchanged)
     with dynamic shapes, so batches of any length and token count reuse one graph per region (the unpadded path
     breaks the graph where the batch's token count is read) instead of one compile per shape; the heads stay eager.
-    Not under DeepSpeed ZeRO-3, whose parameter-gathering hooks inside the compiled module dynamo cannot follow."""
+    Not under DeepSpeed ZeRO-3 (config.py refuses it), whose parameter-gathering hooks dynamo cannot follow."""
     from dtrain.model import unpad as unpadding
 
     if gradient_checkpointing:
@@ -139,9 +139,6 @@ def set_encoder(model: torch.nn.Module, unpad: bool = True, gradient_checkpointi
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = unpadding.unpad(model) if unpad else unpadding.padded(model)
     if compile:
-        if zero_stage == 3:
-            raise DtrainError("model.compile=true with DeepSpeed ZeRO-3: its parameter hooks do not compile; use "
-                              "parallel.zero_stage 0-2 or DDP, or model.compile=false")
         encoders = [m for m in model.modules() if isinstance(m, unpadding.BertModel)]
         if not encoders:
             raise DtrainError(f"model.compile: {type(model).__name__} has no BERT encoder to compile; set it to false")

@@ -91,6 +91,10 @@ CASES = [
     Case("config", "zero-stage-with-ddp", (*PRETRAIN, "parallel.engine=ddp", "parallel.zero_stage=2"),
          E + "parallel.zero_stage=2 needs parallel.engine=deepspeed (DDP has no ZeRO); set parallel.engine=deepspeed "
              "or parallel.zero_stage=0"),
+    Case("config", "compile-with-zero3",
+         (*PRETRAIN, "parallel.engine=deepspeed", "parallel.zero_stage=3", "model.compile=true"),
+         E + "model.compile=true with DeepSpeed ZeRO-3: its parameter hooks do not compile; use parallel.zero_stage "
+             "0-2 or DDP, or model.compile=false"),
     Case("config", "nccl-without-gpu", (*FINETUNE, "run_dir={run_dir}", "parallel.backend=nccl"),
          E + "parallel.backend=nccl needs CUDA GPUs, and none is visible; use parallel.backend=gloo or auto",
          cpu_only=True),
@@ -136,6 +140,10 @@ CASES = [
          (*DTRAIN, "prepare", "pretrain", "{files}/wiki.txt", "--out", "{files}/prepared", "--tokenizer", "{tokenizer}",
           "--workers", "1"),
          E + "input <files>/wiki.txt does not exist; pass existing files or folders"),
+    Case("data", "prepare-short-seq-prob-out-of-range",
+         (*DTRAIN, "prepare", "pretrain", "{corpus}", "--out", "{files}/prepared", "--tokenizer", "{tokenizer}",
+          "--short-seq-prob", "1.5"),
+         E + "--short-seq-prob 1.5: it is the share of NSP pairs cut short; pass a value from 0 to 1 (BERT's: 0.1)"),
     Case("data", "prepare-non-bio-tag", (*PREPARE_FT, "{files}/ner.conll"),
          E + "<files>/ner.conll line 2: tag 'E-ORG' is not BIO/IOB2 (O, B-TYPE or I-TYPE); convert the tags (e.g. "
              "BIOES E-/S- to I-/B-, bare types to B-/I-)",

@@ -6,7 +6,6 @@ import pytest
 import torch
 import transformers
 
-from dtrain.errors import DtrainError
 from dtrain.model.bert import set_encoder
 from tests.unit.test_unpad import config
 
@@ -44,6 +43,8 @@ def test_compiled_encoder_equals_eager_and_does_not_recompile_after_warm_up(unpa
 
 
 def test_compile_is_refused_under_zero3():
-    model = transformers.BertForSequenceClassification(config(num_labels=2))
-    with pytest.raises(DtrainError, match="model.compile=true with DeepSpeed ZeRO-3"):
-        set_encoder(model, compile=True, zero_stage=3)
+    from dtrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.compile=true with DeepSpeed ZeRO-3"):
+        load_config("configs/pretrain/debug.yaml", ["parallel.engine=deepspeed", "parallel.zero_stage=3",
+                                                    "model.compile=true"])
