@@ -4,6 +4,10 @@ Training sees windows (each weighed 1/windows); the test report, TensorBoard's t
 
 import json
 
+import pytest
+import torch
+import transformers
+
 from dtrain.data.shards import ShardedDataset
 from dtrain.data.windows import Cut
 from dtrain.model.tokenizer import load_tokenizer
@@ -59,7 +63,17 @@ def test_windowed_classification_learns_the_end_and_reports_and_predicts_per_doc
     assert out.returncode == 0, out.stderr[-2000:]
     preds = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert [p["text"] for p in preds] == [r["text"] for r in rows]
-    assert [p["label"] for p in preds] == ["pos", "neg", "neg"], preds
+    # each long row's probabilities are the mean of its windows' (task.window_pooling null = mean), by the model
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(run_dir / "export")).eval()
+    enc = Cut(windows=True, stride=4).encode(tok, [long_pos, long_neg], None, 16)
+    with torch.no_grad():
+        probs = torch.cat([model(input_ids=torch.tensor([ids])).logits.softmax(-1) for ids in enc["input_ids"]])
+    names = [model.config.id2label[i] for i in range(probs.shape[1])]
+    for row, doc in ((0, 0), (2, 1)):
+        want = probs[[i for i, d in enumerate(enc["doc"]) if d == doc]].mean(0)
+        assert [preds[row]["probabilities"][n] for n in names] == pytest.approx(want.tolist(), abs=1e-3), preds[row]
+        assert preds[row]["label"] == names[int(want.argmax())]
+    assert preds[1]["label"] == "neg", preds  # a short text holding the neg word
 
     # a window that would not advance past what consecutive windows share is refused, naming the option
     bad = run_cli("predict", "--model", str(run_dir), "--input", str(tmp_path / "in.jsonl"), "--output",
