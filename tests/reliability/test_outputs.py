@@ -105,8 +105,8 @@ def test_prepare_overwrite_replaces_only_a_dataset(capsys, tokenizer, corpus, tm
     assert (mine / "notes.txt").read_text() == notes.read_text() == "my notes\n" and (run / "checkpoints").is_dir()
     data = tmp_path / "data"
     assert dtrain(capsys, *prepare(tokenizer, corpus, data))[0] == 0
-    assert dtrain(capsys, *prepare(tokenizer, corpus, data, "--overwrite", "--seed", "7"))[0] == 0  # same kind
-    assert json.loads((data / "manifest.json").read_text())["seed"] == 7
+    assert dtrain(capsys, *prepare(tokenizer, corpus, data, "--overwrite", "--short-seq-prob", "0.2"))[0] == 0
+    assert json.loads((data / "manifest.json").read_text())["short_seq_prob"] == 0.2  # replaced: the same kind
     (data / "README.md").write_text("what this dataset is\n")  # a user's file in it: no longer only dtrain's
     refused(capsys, f"--out {data} exists and is a folder of other files, not a dataset dir; choose another output dir "
                     f"(--overwrite replaces only a dataset dir)", *prepare(tokenizer, corpus, data, "--overwrite"))
@@ -250,7 +250,8 @@ def test_two_prepares_of_one_output_the_second_is_refused(tokenizer, tmp_path):
     corpus = make_corpus(tmp_path / "corpus", docs=2000)  # some seconds of work: the second starts while it runs
     data = tmp_path / "data"
     command = [sys.executable, "-m", "dtrain", *map(str, prepare(tokenizer, corpus, data, "--shard-size", "64KB"))]
-    first = subprocess.Popen([*command, "--seed", "1"], cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen([*command, "--short-seq-prob", "0.3"], cwd=REPO, env=_env(), stderr=subprocess.PIPE,
+                             text=True)
     lock, deadline = tmp_path / ".data.lock", time.monotonic() + 120
     while first.poll() is None and time.monotonic() < deadline:  # until the first holds the output's lock (a
         try:  # loaded machine takes seconds to import transformers: a fixed sleep let the second start first)
@@ -259,7 +260,7 @@ def test_two_prepares_of_one_output_the_second_is_refused(tokenizer, tmp_path):
         except OSError:
             pass
         time.sleep(0.05)
-    second = subprocess.run([*command, "--seed", "2"], cwd=REPO, env=_env(), capture_output=True, text=True,
+    second = subprocess.run([*command, "--short-seq-prob", "0.4"], cwd=REPO, env=_env(), capture_output=True, text=True,
                             timeout=300)
     assert first.wait(timeout=300) == 0, first.stderr.read()
     assert second.returncode == 2, second.stderr  # today both succeed, and the second replaces the first
@@ -267,7 +268,7 @@ def test_two_prepares_of_one_output_the_second_is_refused(tokenizer, tmp_path):
         E + f"--out {data} is being written by another dtrain process (host {socket.gethostname()}, pid "
             f"{first.pid}); wait for it to finish or choose another output",
         E + f"{data} already exists and is not empty; choose another output dir or pass --overwrite")
-    assert json.loads((data / "manifest.json").read_text())["seed"] == 1  # the first dataset stays
+    assert json.loads((data / "manifest.json").read_text())["short_seq_prob"] == 0.3  # the first dataset stays
 
 
 def test_a_second_run_on_a_run_dir_in_use_is_refused(tokenizer, train, tmp_path):
