@@ -96,7 +96,7 @@ class PretrainingCollator:
     def _following(self, index: int, doc: int, ids: np.ndarray, need: int) -> np.ndarray:
         """`ids` continued with the samples after `index` while they belong to `doc`, until `need` tokens."""
         parts, have = [ids], len(ids)
-        while have < need and index + 1 < len(self.data) and int(self.data.get(index + 1, "doc")) == doc:
+        while have < need and not self._last_of_doc(index, doc):
             index += 1
             more = np.asarray(self.data.get(index, "input_ids"), dtype=np.int64)
             parts.append(more)

@@ -20,7 +20,8 @@ than sdpa. A batch without padding takes this path too (a few copies; the path n
 ranks call the same modules in the same order, as ZeRO-3 needs). Reading the token count (`nonzero`) is one host
 sync per forward on a GPU and a graph break under model.compile (the regions either side compile with dynamic
 shapes). Dropout draws differ from the padded path's (other shapes), so outputs are equal to HF's with dropout off
-(tests/unit/test_unpad.py) and statistically the same with it on (equal mean gradients over many draws, tested).
+(tests/unit/test_unpad.py) and distributed alike with it on (each output's mean and spread over many
+draws, tested).
 """
 
 from __future__ import annotations
