@@ -32,7 +32,8 @@ from dtrain.data.examples import example_path  # noqa: E402
 
 CONFIG = "configs/pretrain/debug.yaml"
 MODELS = {"base": "preset:bert-base-uncased", "large": "preset:bert-large-uncased"}  # random init
-NPROC, SEQ, GIB = 2, 128, 2 ** 30
+NPROC, SEQ, GIB = 2, 128, 2 ** 30  # ranks unless a label says `@N`
+MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # a label's `:mmap`: glibc returns blocks ≥ 128 KiB to the kernel
 # Key names as `dtrain config keys` lists them.
 COMMON = ["model.tokenizer=minilm", f"data.max_seq_len={SEQ}", "data.num_workers=0", "data.train={data}",
           "data.eval=null", "run_dir={run_dir}", "schedule.max_steps={steps}", "schedule.grad_accum_steps=1",
@@ -62,6 +63,27 @@ NOTES = [
     "the moments (and gradients) over 2 ranks saves little; activations are never sharded; and the Python/torch/"
     "DeepSpeed baseline of each process (~0.5 GiB) weighs most for the smaller model.",
 ]
+
+
+def parse_label(label: str) -> tuple[str, int, dict[str, str]]:
+    """`ZeRO-3@4:mmap` → ("ZeRO-3", 4 ranks, the allocator environment); `DDP` → ("DDP", 2, {})."""
+    base, _, mmap = label.partition(":")
+    engine, _, ranks = base.partition("@")
+    if engine not in ENGINES or mmap not in ("", "mmap") or not (ranks or "2").isdigit():
+        raise ValueError(f"--engines: {label!r} is not ENGINE[@RANKS][:mmap] with ENGINE one of {', '.join(ENGINES)}")
+    return engine, int(ranks or NPROC), MMAP if mmap else {}
+
+
+def shown(label: str) -> str:
+    """A run label as the table shows it: `ZeRO-3@4:mmap` → `ZeRO-3, 4 ranks, MALLOC_MMAP_THRESHOLD_=131072`."""
+    engine, nproc, allocator = parse_label(label)
+    ranks = [f"{nproc} ranks"] if nproc != NPROC else []
+    return ", ".join([engine, *ranks, *(f"{k}={v}" for k, v in allocator.items())])
+
+
+def goal_engine(by_engine: dict) -> str:
+    """The run the goal reads: ZeRO-3 at 4 ranks where it ran, else at 2."""
+    return "ZeRO-3@4" if "ZeRO-3@4" in by_engine else "ZeRO-3"
 
 
 def workers(parent: int) -> dict[int, tuple[int, str]]:
@@ -120,14 +142,16 @@ def failure(rc: int, output: str) -> str:
     return f"exit status {rc}" + (f": {lines[-1][:160]}" if lines else "")
 
 
-def run_one(model: str, engine: str, data: Path, work: Path, args: argparse.Namespace) -> dict:
+def run_one(model: str, label: str, data: Path, work: Path, args: argparse.Namespace) -> dict:
     """One torchrun, killed as soon as rank 0 logs step `args.steps`: {"peak": [GiB per rank], ...} or
     {"failed": why, "at_least": GiB when it was stopped for memory}."""
+    engine, nproc, allocator = parse_label(label)
     values = {"data": data, "run_dir": work / "run", "steps": args.steps + 1, "micro_batch": args.micro_batch}
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={NPROC}", "-m",
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m",
            "dtrain.pretrain", "--config", CONFIG, f"model.name_or_path={MODELS[model]}",
            *(o.format(**values) for o in COMMON), *ENGINES[engine]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           **allocator}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -141,14 +165,14 @@ def run_one(model: str, engine: str, data: Path, work: Path, args: argparse.Name
             lines.append(line)
             if m := STEP_RE.match(line):
                 step_at[int(m.group(1))] = time.perf_counter()
-                if int(m.group(1)) == args.steps and len(ranks) == NPROC and not result:
-                    result["peak"] = [vm_hwm(ranks[r][0]) for r in range(NPROC)]
+                if int(m.group(1)) == args.steps and len(ranks) == nproc and not result:
+                    result["peak"] = [vm_hwm(ranks[r][0]) for r in range(nproc)]
                     kill(proc)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     while proc.poll() is None:
-        if len(ranks) < NPROC:
+        if len(ranks) < nproc:
             ranks.update(workers(proc.pid))
         if proc_kib("/proc/meminfo", "MemAvailable") < args.min_available * 2 ** 20 and not result:
             result["at_least"] = max((vm_hwm(pid) for pid, _ in list(ranks.values())), default=0)
@@ -185,7 +209,7 @@ def prepare(work: Path) -> Path:
 
 
 def report(results: dict, args: argparse.Namespace, wall: float) -> str:
-    head = "- ≤ 0.6× DDP for bert-large, ZeRO-3: "
+    head = f"- ≤ 0.6× DDP for bert-large, {shown(goal_engine(results.get('large', {})))}: "
     rows, ratios, goal = [], {}, head + "not measured in this run"
     for model, by_engine in results.items():
         ok = {e: rs for e, rs in by_engine.items() if rs and "failed" not in rs[-1]}
@@ -194,19 +218,19 @@ def report(results: dict, args: argparse.Namespace, wall: float) -> str:
             if engine not in ok:
                 why, low = rs[-1]["failed"], rs[-1].get("at_least")
                 bound = f" (at ≥ {low:.2f} GiB per rank) | ≥ {low / ddp:.2f}× | – |" if low else " | – | – |"
-                rows.append(f"| {MODELS[model]} | {engine} | failed: {why}{bound}")
-                if (model, engine) == ("large", "ZeRO-3"):
+                rows.append(f"| {MODELS[model]} | {shown(engine)} | failed: {why}{bound}")
+                if (model, engine) == ("large", goal_engine(by_engine)):
                     goal = head + (common.goal(False, f"≥ {low / ddp:.2f}× (a lower bound: {why})")
                                    if low and low / ddp > 0.6 else f"not measured (failed: {why})")
                 continue
             peak = [max(r["peak"]) for r in rs]
-            ranks = " / ".join(f"{common.median([r['peak'][k] for r in rs]):.2f}" for k in range(NPROC))
+            ranks = " / ".join(f"{common.median([r['peak'][k] for r in rs]):.2f}" for k in range(len(rs[0]["peak"])))
             ratios[model, engine] = common.median(peak) / ddp
-            rows.append(f"| {MODELS[model]} | {engine} | "
+            rows.append(f"| {MODELS[model]} | {shown(engine)} | "
                         f"{common.spread(peak, '{:.2f}') if len(rs) > 1 else f'{peak[0]:.2f}'} [{ranks}] | "
                         f"{ratios[model, engine]:.2f}× | {common.median([r['s_per_step'] for r in rs]):.0f} |")
-    if ("large", "ZeRO-3") in ratios:
-        goal = common.ratio_goal("DDP for bert-large, ZeRO-3", ratios["large", "ZeRO-3"], 0.6, higher_is_better=False)
+    if (key := ("large", goal_engine(results.get("large", {})))) in ratios:
+        goal = common.ratio_goal(f"DDP for bert-large, {shown(key[1])}", ratios[key], 0.6, higher_is_better=False)
     offload_missing = "failed here (see the table)." if OFFLOAD in args.engines.split(",") else \
         "not in this run (`--engines`; the default runs it)."
     offload_ran = any(by.get(OFFLOAD) and "failed" not in by[OFFLOAD][-1] for by in results.values())
@@ -215,7 +239,8 @@ def report(results: dict, args: argparse.Namespace, wall: float) -> str:
         "",
         common.machine_line("deepspeed"),
         "",
-        f"Settings: `torchrun --standalone --nproc_per_node={NPROC} -m dtrain.pretrain --config {CONFIG}` on CPU "
+        f"Settings: `torchrun --standalone --nproc_per_node={NPROC} -m dtrain.pretrain --config {CONFIG}` (4 ranks "
+        f"where the engine says so) on CPU "
         f"(gloo, 1 thread per rank), random-init presets, fp32, AdamW, micro-batch {args.micro_batch} per rank, "
         f"seq {SEQ}, no accumulation, no evaluation; data: 100 BBC example articles prepared by `dtrain prepare "
         f"pretrain`. Each run is stopped (SIGKILL) when rank 0 logs step {args.steps} of {args.steps + 1}: "
@@ -228,7 +253,13 @@ def report(results: dict, args: argparse.Namespace, wall: float) -> str:
         "interpreter, torch and DeepSpeed libraries (~0.5 GiB before any model exists), the model parameters, "
         "gradients, optimizer state, communication buffers and activations.",
         "",
-        "| model | engine | peak RSS per rank, GiB: max of ranks [rank 0 / rank 1] | ratio to DDP | s/step (last) |",
+        "DDP holds the whole model, its gradients and the optimizer state on every rank, so its memory per rank does "
+        "not depend on the number of ranks: the 4-rank runs are compared with DDP at 2 ranks (DDP with bert-large at "
+        "4 ranks would need ~30 GiB, more than this machine has). `MALLOC_MMAP_THRESHOLD_=131072`: the same run with "
+        "glibc returning freed blocks of 128 KiB and more to the kernel.",
+        "",
+        "| model | engine | peak RSS per rank, GiB: max of ranks [rank 0 / rank 1 ...] | ratio to DDP (2 ranks) | "
+        "s/step (last) |",
         "|---|---|---|---|---|",
         *rows,
         "",
@@ -250,7 +281,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=1, help="repetitions (a peak RSS repeats within ~2%% run to run)")
     ap.add_argument("--models", default="base,large", help="comma-separated: base, large")
-    ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of: " + ", ".join(ENGINES))
+    ap.add_argument("--engines", default=",".join([*ENGINES, "ZeRO-3@4", "ZeRO-3@4:mmap"]),
+                    help="comma-separated ENGINE[@RANKS][:mmap], ENGINE one of: " + ", ".join(ENGINES))
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps measured per run (≥ 2)")
     ap.add_argument("--micro-batch", type=int, default=2, help="sequences per rank per step")
     ap.add_argument("--timeout", type=float, default=900, help="seconds before a run is killed and marked failed")
@@ -261,8 +293,12 @@ def main() -> None:
     models, engines = args.models.split(","), args.engines.split(",")
     if args.steps < 2:
         ap.error("--steps must be ≥ 2 (the first step allocates the optimizer state)")
-    if bad := [m for m in models if m not in MODELS] + [e for e in engines if e not in ENGINES]:
-        ap.error(f"unknown model/engine: {', '.join(bad)}")
+    if bad := [m for m in models if m not in MODELS]:
+        ap.error(f"unknown model: {', '.join(bad)}")
+    try:
+        [parse_label(e) for e in engines]
+    except ValueError as e:
+        ap.error(str(e))
     t0 = time.perf_counter()
     results: dict[str, dict[str, list[dict]]] = {m: {e: [] for e in engines} for m in models}
     with tempfile.TemporaryDirectory(prefix="dtrain-bench-mem-") as tmp:

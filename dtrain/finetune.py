@@ -14,6 +14,7 @@ from dtrain import runner
 from dtrain.config import Config
 from dtrain.data.shards import ShardedDataset
 from dtrain.distributed import DistEnv
+from dtrain.engine import model_building
 from dtrain.errors import DtrainError
 from dtrain.evaluation import Evaluator, final_reports, scalar_metrics
 from dtrain.files import write_atomic
@@ -43,9 +44,10 @@ def describe(cfg: Config, env: DistEnv, tokenizer: Any, data: dict[str, ShardedD
     labels = LabelMap.load(Path(cfg.data.train))
     task = run_task(cfg.task, tokenizer, labels, data["train"].manifest, cfg.data.max_seq_len)  # prompt, windows
     teacher = distill.teacher_for(cfg, task, labels.labels, tokenizer, env.device)  # frozen; None without one
-    model, fresh = distill.student(cfg, task, labels.labels, teacher)  # the teacher's layers, init_from or a checkpoint
-    flops, model_config = training_flops_per_token(model.config, cfg.data.max_seq_len, 0.0), model.config  # pre-PEFT
-    model = apply_peft(model, cfg.peft, task)
+    with model_building(cfg, env):  # ZeRO-3: built partitioned; the teacher's layers, init_from or a model; PEFT
+        model, fresh = distill.student(cfg, task, labels.labels, teacher)
+        flops, model_config = training_flops_per_token(model.config, cfg.data.max_seq_len, 0.0), model.config
+        model = apply_peft(model, cfg.peft, task)
     opened = {**data, **{f"extra/{k}": runner.open_data(cfg, p, f"data.eval_extra.{k}", tokenizer)
                          for k, p in (cfg.data.eval_extra or {}).items()}}
     mixed = replay.mix_replay(cfg, data["train"], labels, lambda p, key: runner.open_data(cfg, p, key, tokenizer))
@@ -77,8 +79,7 @@ def describe(cfg: Config, env: DistEnv, tokenizer: Any, data: dict[str, ShardedD
         report["model"] = origin(distill.weights_source(cfg))
         titles = {"test": "test set", **{s: f"data.eval_extra.{s[6:]}" for s in extras}}
         reports = final_reports(trainer, evaluators, streams, titles, env.is_main)
-        if "test" in reports:
-            report["test"] = reports.pop("test")
+        report |= {"test": reports.pop("test")} if "test" in reports else {}
         report["extra"] = {k[6:]: v for k, v in reports.items()} or None
         if env.is_main:
             write_atomic(Path(cfg.run_dir) / "report.json", json.dumps(report, indent=1, default=float) + "\n")

@@ -14,6 +14,7 @@ from dtrain.config import Config
 from dtrain.data.pretraining import PretrainingCollator
 from dtrain.data.shards import ShardedDataset
 from dtrain.distributed import DistEnv
+from dtrain.engine import model_building
 from dtrain.evaluation import evaluate_terms
 from dtrain.logging import training_flops_per_token
 from dtrain.model.bert import fresh_summary, pretraining_counts, pretraining_losses, pretraining_model
@@ -23,7 +24,8 @@ from dtrain.trainer import Objective, Trainer
 
 
 def describe(cfg: Config, env: DistEnv, tokenizer: Any, data: dict[str, ShardedDataset]) -> runner.Run:
-    model, fresh = pretraining_model(cfg.model.name_or_path, cfg.model.dropout, cfg.model.attn_implementation)
+    with model_building(cfg, env):  # (ZeRO-3: built partitioned)
+        model, fresh = pretraining_model(cfg.model.name_or_path, cfg.model.dropout, cfg.model.attn_implementation)
     if env.is_main:
         print(f"dtrain: model {cfg.model.name_or_path}: {fresh_summary(fresh)}", file=sys.stderr)
         print(f"dtrain: {origin_line(cfg.model.name_or_path)}", file=sys.stderr)

@@ -77,6 +77,20 @@ def pretrain_data(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny preset's BertForPreTraining (seed 0) saved as a Hugging Face checkpoint dir."""
+    import torch
+    from transformers import BertForPreTraining
+
+    from dtrain.model.presets import preset_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_checkpoint")
+    BertForPreTraining(preset_config("tiny")).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def corpus_data(tmp_path_factory, tokenizer_dir):
     from dtrain.data.prepare import prepare_pretrain
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from dtrain.config import Config
@@ -29,3 +32,16 @@ def build_engine(cfg: Config, model: torch.nn.Module, env: DistEnv, total_steps:
         raise DtrainError(f"parallel.engine=deepspeed needs the deepspeed package, which does not import here ({e}); "
                           f"install it (`make install`) or use parallel.engine=ddp") from None
     return DeepSpeedEngine(model, optimizer, scheduler, env, sections)
+
+
+@contextlib.contextmanager
+def model_building(cfg: Config, env: DistEnv) -> Iterator[None]:
+    """Where an entry point builds the model it trains: under DeepSpeed ZeRO-3 the model is built partitioned
+    (engine/deepspeed.py partitioned_build), for every other engine and stage as it is."""
+    if cfg.parallel.engine != "deepspeed":
+        yield
+        return
+    from dtrain.engine.deepspeed import partitioned_build
+
+    with partitioned_build(EngineSections.of(cfg), env.world_size):
+        yield

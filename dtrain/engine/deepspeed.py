@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,29 @@ def merge_user_config(generated: dict[str, Any], path: str | None) -> tuple[dict
         return out
 
     return merge(generated, user, ""), changes
+
+
+@contextlib.contextmanager
+def partitioned_build(sections: EngineSections, world_size: int) -> Iterator[None]:
+    """Under ZeRO-3 (dtrain's stage or a user JSON's), a transformers model built inside is born partitioned: no rank
+    ever holds the whole model. transformers' own integration does it (HfDeepSpeedConfig alive: from_pretrained and
+    `_from_config` build under `deepspeed.zero.Init`, rank 0 reads the checkpoint and each rank keeps its partition of
+    every tensor; fresh weights are initialised on the gathered tensor). Modules built outside transformers (LoRA,
+    adapters, a grown head) stay whole until deepspeed.initialize partitions them. Other stages: nothing changes."""
+    config, _ = merge_user_config(deepspeed_config(sections, world_size), sections.parallel.deepspeed_config)
+    if config["zero_optimization"].get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    config.pop("train_batch_size")  # (derived: zero.Init reads the config before DeepSpeed knows the world size)
+    alive = HfDeepSpeedConfig(config)  # transformers holds a weak reference only
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del alive
 
 
 class DeepSpeedEngine(Engine):

@@ -55,7 +55,7 @@ def load_model(cls: Any, name_or_path: str, dropout: float | None = None, attn_i
     extra = _overrides(dropout, attn_implementation)
     preset = preset_of(name_or_path)
     if preset:
-        model = cls(preset_config(preset, **config, **extra))
+        model = cls._from_config(preset_config(preset, **config, **extra))  # (under ZeRO-3: built partitioned)
         return model, [name for name, _ in model.named_parameters()]
     path = local_dir(name_or_path)
     check_bert(path)
@@ -148,4 +148,4 @@ def set_encoder(model: torch.nn.Module, unpad: bool = True, gradient_checkpointi
 
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return sum(getattr(p, "ds_numel", None) or p.numel() for p in {id(p): p for p in model.parameters()}.values())

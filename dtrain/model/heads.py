@@ -3,6 +3,7 @@ classifier over a larger label set. The tasks themselves (which HF class, loss, 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -20,13 +21,23 @@ def export_dir_of(path: str | Path) -> Path:
                       f"finished dtrain run or its export")
 
 
+def _whole(module: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """A module's parameters whole to read: gathered when ZeRO-3 built them partitioned."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 def grow_head(model: torch.nn.Module, old: list[str], new: list[str]) -> tuple[torch.nn.Module, list[str]]:
     """Replace the classifier by one over `new` labels; rows of labels in `old` are copied, the others start fresh."""
     head = model.classifier
     grown = torch.nn.Linear(head.in_features, len(new))
     torch.nn.init.normal_(grown.weight, std=model.config.initializer_range)
     torch.nn.init.zeros_(grown.bias)
-    with torch.no_grad():
+    with torch.no_grad(), _whole(head):
         for i, name in enumerate(new):
             if name in old:
                 grown.weight[i] = head.weight[old.index(name)]

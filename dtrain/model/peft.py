@@ -169,12 +169,40 @@ def apply_peft(model: torch.nn.Module, cfg: Any, task: PeftTask, sequence_tasks:
     return wrapped
 
 
+def numel(p: torch.Tensor) -> int:
+    """A parameter's size, also when ZeRO-3 built it partitioned (its own tensor is then empty)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
 def trainable_summary(model: torch.nn.Module) -> str:
     """'trainable parameters: 296,450 of 4,402,434 (6.73%)', tied weights counted once."""
     params = {id(p): p for p in model.parameters()}.values()
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(numel(p) for p in params)
+    trainable = sum(numel(p) for p in params if p.requires_grad)
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def _copy_to_load(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `model` to load a whole state dict into. A parameter ZeRO-3 partitioned (its tensor is empty,
+    `ds_shape` is its shape; a copy keeps neither) becomes an ordinary one of its whole shape, tied ones stay tied, and
+    DeepSpeed's hooks are dropped: no gather, so rank 0 alone can call it."""
+    shapes = {(name, key): (p.ds_shape, id(p)) for name, module in model.named_modules(remove_duplicate=False)
+              for key, p in module._parameters.items() if p is not None and hasattr(p, "ds_shape")}
+    copied = copy.deepcopy(model)
+    whole: dict[int, torch.nn.Parameter] = {}
+    for name, module in copied.named_modules(remove_duplicate=False):
+        for key, p in list(module._parameters.items()):
+            if (name, key) in shapes:
+                shape, ident = shapes[name, key]
+                if ident not in whole:
+                    whole[ident] = torch.nn.Parameter(torch.empty(shape), requires_grad=p.requires_grad)
+                module._parameters[key] = whole[ident]
+        if shapes:  # DeepSpeed's gathering hooks came with the copy: it is no longer theirs
+            for hooks in (module._forward_pre_hooks, module._forward_hooks):
+                for handle, hook in list(hooks.items()):
+                    if getattr(getattr(hook, "func", hook), "__module__", "").startswith("deepspeed"):
+                        del hooks[handle]
+    return copied
 
 
 def base_hf_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
@@ -191,7 +219,7 @@ def base_hf_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | 
       beside it (`model.get_base_model().save_pretrained(...)`) when it is not a checkpoint on disk already.
     The training flag (dropout) is kept as it was; call .eval() for inference."""
     if state_dict is not None:
-        model = copy.deepcopy(model)
+        model = _copy_to_load(model)
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:

@@ -1,7 +1,12 @@
 """DeepSpeed ZeRO 0–3 under `torchrun --nproc_per_node=2` on CPU (gloo): the same losses as DDP in fp32, bf16
-runs, exact resume, and a ZeRO-3 export that Hugging Face loads with the weights DDP reaches."""
+runs, exact resume, a ZeRO-3 model built partitioned (zero.Init), and a ZeRO-3 export that Hugging Face loads with
+the weights DDP reaches. The comparisons with DDP start from a checkpoint dir: a random-init preset is built by
+transformers' ZeRO-3 initialisation under ZeRO-3, whose draws differ from the plain model's."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,16 +17,21 @@ STEPS = ("schedule.max_steps=4", "data.micro_batch_size=4", "data.eval=null", "s
 
 
 @pytest.fixture(scope="module")
-def ddp_reference(corpus_data, tokenizer_dir, tmp_path_factory):
+def steps(tiny_checkpoint):
+    return (*STEPS, f"model.name_or_path={tiny_checkpoint}")
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(corpus_data, tokenizer_dir, tmp_path_factory, steps):
     out = tmp_path_factory.mktemp("ddp")
-    result = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, out, *STEPS), nproc=2)
+    result = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, out, *steps), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     return losses(result), out
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stages_match_ddp_in_fp32(corpus_data, tokenizer_dir, tmp_path, ddp_reference, stage):
-    result = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path, *STEPS,
+def test_zero_stages_match_ddp_in_fp32(corpus_data, tokenizer_dir, tmp_path, ddp_reference, steps, stage):
+    result = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path, *steps,
                                                    "parallel.engine=deepspeed", f"parallel.zero_stage={stage}"),
                  nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -44,6 +54,19 @@ def test_zero_stages_match_ddp_in_fp32(corpus_data, tokenizer_dir, tmp_path, ddp
         assert exported.returncode == 0, exported.stderr[-2000:]
         again = AutoModelForPreTraining.from_pretrained(tmp_path / "exported").state_dict()
         assert all(torch.equal(again[k], v) for k, v in mine.items())
+
+
+def test_zero3_builds_the_model_partitioned(tiny_checkpoint, tmp_path):
+    """No rank holds the whole model: each keeps half of every tensor, the gathered weights are the checkpoint's, and
+    after the build transformers builds plain models again (a distillation teacher, predict)."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "tests/integration/zero3_build_worker.py", str(tiny_checkpoint), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["own"] == rank["whole"] // 2 and rank["whole"] > 2_000_000, rank
+        assert rank["same_weights"] and rank["fresh"] == [] and not rank["after"] and rank["plain_after"], rank
 
 
 def test_zero2_matches_ddp_over_twenty_steps(corpus_data, tokenizer_dir, tmp_path):
@@ -131,8 +154,8 @@ def test_zero_buffers_are_sized_to_the_model_and_the_user_json_wins(tmp_path):
     assert changes == ["zero_optimization.reduce_bucket_size: dtrain 1048576 → ds.json 500000000"]
 
 
-def test_zero3_with_cpu_offload_matches_ddp(corpus_data, tokenizer_dir, tmp_path, ddp_reference):
-    result = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path, *STEPS,
+def test_zero3_with_cpu_offload_matches_ddp(corpus_data, tokenizer_dir, tmp_path, ddp_reference, steps):
+    result = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path, *steps,
                                                    "checkpoint.export=false", "parallel.engine=deepspeed",
                                                    "parallel.zero_stage=3", "parallel.offload_optimizer=true",
                                                    "parallel.offload_params=true"), nproc=2)
@@ -156,3 +179,30 @@ def test_finetune_on_two_ranks_with_zero2_bf16(tokenizer_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())["test"]
     assert report["accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_zero3_peft_export_is_the_checkpoints(tokenizer_dir, tmp_path, method):
+    """Under ZeRO-3 the model is built partitioned and peft wraps it; the run's own export (LoRA merged into a plain
+    model, or a prompt-tuning adapter dir) holds the weights `dtrain export` rebuilds from the checkpoint of the
+    model it kept."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_cli
+    from tests.integration.test_training import write_sentiment
+
+    data = write_sentiment(tmp_path, tokenizer_dir)
+    result = run("dtrain.finetune", "--config", "configs/finetune/debug.yaml", f"data.train={data['train']}",
+                 f"data.eval={data['dev']}", "data.test=null", f"model.tokenizer={tokenizer_dir}",
+                 f"run_dir={tmp_path / 'run'}", "schedule.max_steps=6", "eval.every_steps=3", "optim.lr=2e-3",
+                 "data.micro_batch_size=8",
+                 "logging.progress_bar=false", "data.max_seq_len=32", "parallel.engine=deepspeed",
+                 "parallel.zero_stage=3", f"peft.method={method}", nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    step = json.loads((tmp_path / "run/report.json").read_text())["model_step"]  # (the best evaluation's)
+    exported = run_cli("export", str(tmp_path / f"run/checkpoints/step-{step:08d}"), str(tmp_path / "exported"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    name = "adapter_model.safetensors" if method == "prompt_tuning" else "model.safetensors"
+    ours, rebuilt = (load_file(tmp_path / d / name) for d in ("run/export", "exported"))
+    assert sorted(ours) == sorted(rebuilt) and len(ours) > 1
+    assert all(torch.equal(ours[k], rebuilt[k]) for k in ours)
