@@ -56,8 +56,8 @@ bench: install
 	$(VENV)/bin/python bench/data.py
 	$(VENV)/bin/python bench/pretrain.py
 	$(VENV)/bin/python bench/step_profile.py
-	$(VENV)/bin/python bench/finetune.py --max-samples 1000 --reps 3
-	$(VENV)/bin/python bench/memory.py --engines DDP,ZeRO-2,ZeRO-3
+	$(VENV)/bin/python bench/finetune.py --reps 1
+	$(VENV)/bin/python bench/memory.py --models large --engines DDP,ZeRO-3,ZeRO-3@4,ZeRO-3@4:mmap
 	DTRAIN_PYTHON=$(VENV)/bin/python bench/gpu.sh
 
 clean:

@@ -56,9 +56,14 @@ NOTES = [
     "parameters under 10·h not partitioned, as HF Trainer's \"auto\" values). With DeepSpeed's defaults (5e8-element "
     "reduce and all-gather buckets) ZeRO-3 measured 1.34× DDP for bert-base and 1.32× for bert-large; lowering "
     "`stage3_max_live_parameters` / `stage3_max_reuse_distance` alone changed nothing.",
-    "- glibc keeps freed blocks of up to 32 MiB in its heap, so what the gathers, the buckets and the partitioning of "
-    "the full model (every rank builds it first, no `zero.Init`) free is not returned to the kernel; ZeRO-3 suffers "
-    "most (`MALLOC_MMAP_THRESHOLD_=131072` in the environment lowers it: bert-base ZeRO-3 measured 0.76× DDP with it).",
+    "- ZeRO-3 builds the model partitioned (`deepspeed.zero.Init` through transformers): no rank holds the whole "
+    "model. Still, glibc keeps freed blocks of up to 32 MiB in its heap (its mmap threshold grows to the size of what "
+    "was freed), so what the whole-tensor random init on rank 0, the per-layer gathers and the buckets free is not "
+    "returned to the kernel: sampled every 2 s, a bert-large ZeRO-3 rank at 2 ranks grew from 0.8 GiB to 3.0 GiB "
+    "while the model was built and to 4.8 GiB by the end of DeepSpeed's start. "
+    "A fixed `MALLOC_MMAP_THRESHOLD_` (glibc then returns every block above it on free) trades that memory for time: "
+    "at 4 ranks, 131072 and 1048576 measured 4.1-4.2 GiB at ~1.6× the s/step, 8388608 4.6 GiB at ~1.1×, none "
+    "5.1 GiB; so dtrain's launchers leave it unset (export it for a run that is short of memory).",
     "- ZeRO-1/2 in fp32 keep the full flat parameters plus a cloned fp32 master copy of their partition, so sharding "
     "the moments (and gradients) over 2 ranks saves little; activations are never sharded; and the Python/torch/"
     "DeepSpeed baseline of each process (~0.5 GiB) weighs most for the smaller model.",
@@ -69,9 +74,11 @@ def parse_label(label: str) -> tuple[str, int, dict[str, str]]:
     """`ZeRO-3@4:mmap` → ("ZeRO-3", 4 ranks, the allocator environment); `DDP` → ("DDP", 2, {})."""
     base, _, mmap = label.partition(":")
     engine, _, ranks = base.partition("@")
-    if engine not in ENGINES or mmap not in ("", "mmap") or not (ranks or "2").isdigit():
-        raise ValueError(f"--engines: {label!r} is not ENGINE[@RANKS][:mmap] with ENGINE one of {', '.join(ENGINES)}")
-    return engine, int(ranks or NPROC), MMAP if mmap else {}
+    name, _, size = mmap.partition("=")
+    if engine not in ENGINES or name not in ("", "mmap") or not (ranks or "2").isdigit() or not (size or "0").isdigit():
+        raise ValueError(f"--engines: {label!r} is not ENGINE[@RANKS][:mmap[=BYTES]] with ENGINE one of "
+                         f"{', '.join(ENGINES)}")
+    return engine, int(ranks or NPROC), ({"MALLOC_MMAP_THRESHOLD_": size} if size else MMAP) if mmap else {}
 
 
 def shown(label: str) -> str:
@@ -231,6 +238,12 @@ def report(results: dict, args: argparse.Namespace, wall: float) -> str:
                         f"{ratios[model, engine]:.2f}× | {common.median([r['s_per_step'] for r in rs]):.0f} |")
     if (key := ("large", goal_engine(results.get("large", {})))) in ratios:
         goal = common.ratio_goal(f"DDP for bert-large, {shown(key[1])}", ratios[key], 0.6, higher_is_better=False)
+    mmap = ("large", "ZeRO-3@4:mmap")
+    if mmap in ratios and ("large", "ZeRO-3@4") in ratios:
+        s_step = {e: common.median([r["s_per_step"] for r in results["large"][e]]) for e in (mmap[1], "ZeRO-3@4")}
+        goal += (f"\n- the same with {shown(mmap[1]).split(', ', 2)[2]}: {ratios[mmap]:.2f}× DDP "
+                 f"({'within' if ratios[mmap] <= 0.6 else 'above'} the goal), at "
+                 f"{s_step[mmap[1]] / s_step['ZeRO-3@4']:.2f}× the s/step")
     offload_missing = "failed here (see the table)." if OFFLOAD in args.engines.split(",") else \
         "not in this run (`--engines`; the default runs it)."
     offload_ran = any(by.get(OFFLOAD) and "failed" not in by[OFFLOAD][-1] for by in results.values())

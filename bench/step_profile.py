@@ -125,7 +125,63 @@ def profile_side(model: torch.nn.Module, loss_fn: Callable, batches: Iterator[di
             "matmul_flops_per_s": flops / (mm_us / 1e6) if mm_us else 0.0, "matmul_gflop": flops / steps / 1e9}
 
 
-def report(results: dict[str, dict], peak: list[float], args: argparse.Namespace) -> str:
+def attention_cost(reps: int = 7) -> dict[str, float]:
+    """Milliseconds (median of `reps`) of one layer's SDPA forward + backward at MiniLM's pretraining shapes (batch 32,
+    12 heads, seq 128, head size 32, 10% of the keys padding) with dropout off and at BERT's 0.1: what attention
+    dropout costs on a CPU, where SDPA's fused kernel takes no dropout and the math path (scores, softmax, dropout
+    mask, two matmuls) runs instead."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(BATCH, 12, SEQ, 32, requires_grad=True) for _ in range(3))
+    keys = torch.ones(BATCH, 1, 1, SEQ, dtype=torch.bool)
+    keys[..., int(0.9 * SEQ):] = False
+    out = {}
+    for p in (0.0, 0.1):
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=p).sum().backward()
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[f"p={p}"] = common.median(times[1:])
+    x = torch.randn(BATCH * SEQ, 384)
+    times = []
+    for draw in (lambda: torch.empty_like(x).bernoulli_(0.9), lambda: torch.rand_like(x)) * (reps + 1):
+        t0 = time.perf_counter()
+        draw()
+        times.append((time.perf_counter() - t0) * 1e3)
+    out["bernoulli"], out["rand"] = common.median(times[2::2]), common.median(times[3::2])
+    return out
+
+
+def explanation(d: dict, h: dict, p: float, attention: dict[str, float]) -> list[str]:
+    """What the profile says about bench/pretrain.py's goals (3x HF, 60% MFU): the bounds the measured step sets."""
+    mm, mm_rate = d["kinds"][KINDS[0][0]], d["matmul_flops_per_s"] / p
+    rest = d["wall_ms"] - mm
+    target = h["wall_ms"] / 3
+    return [
+        "What this says about the pretraining goals (bench/pretrain.py; equal batches, so step time stands for "
+        "throughput):",
+        f"- 3× HF needs a dtrain step of ≤ {target:,.0f} ms (HF's {h['wall_ms']:,.0f} / 3). Its matrix multiplies "
+        f"alone take {mm:,.0f} ms at {mm_rate:.0%} of the fp32 peak, which would leave {target - mm:,.0f} ms for all "
+        f"the rest; the rest takes {rest:,.0f} ms now: attention's softmax and the dropouts "
+        f"{d['kinds'].get(KINDS[4][0], 0) + d['kinds'].get(KINDS[6][0], 0):,.0f} ms, copies, adds and autograd "
+        f"{d['kinds'].get(kind_of('?'), 0):,.0f} ms.",
+        f"- MFU ≥ 60% needs the matrix multiplies at ≥ 60% of the peak with almost nothing else in the step: at the "
+        f"rate measured here they would reach {mm_rate * mm / d['wall_ms']:.0%} MFU (the matmul rate × the matmul "
+        f"share of the step).",
+        f"- Attention dropout: one layer's SDPA forward + backward (batch {BATCH}, 12 heads, seq {SEQ}) takes "
+        f"{attention['p=0.0']:,.0f} ms without dropout and {attention['p=0.1']:,.0f} ms with BERT's 0.1 "
+        f"({attention['p=0.1'] / attention['p=0.0']:.2f}×): on a CPU, SDPA's fused kernel takes no dropout, so the "
+        f"math path materialises the [batch, heads, seq, seq] probabilities. Drawing a dropout mask with torch's "
+        f"bernoulli_ takes {attention['bernoulli']:.1f} ms for a [{BATCH * SEQ}, 384] tensor, uniform draws "
+        f"(torch.rand) {attention['rand']:.1f} ms: a cheaper mask of the same law exists, but the hidden dropouts "
+        f"it would speed up are a small part of the dropout time above (most of it is attention's).",
+    ]
+
+
+def report(results: dict[str, dict], peak: list[float], args: argparse.Namespace,
+           attention: dict[str, float]) -> str:
     d, h = results["dtrain"], results["hf"]
     rows = ["| | dtrain | HF | dtrain / HF |", "|---|---|---|---|",
             f"| whole step (profiled, wall) | {d['wall_ms']:,.0f} ms | {h['wall_ms']:,.0f} ms | "
@@ -154,7 +210,8 @@ def report(results: dict[str, dict], peak: list[float], args: argparse.Namespace
         f"the last of {args.rounds} alternating rounds (the profiler adds a little time to each step). dtrain: its "
         "batches, masked-position MLM head, fused AdamW; HF: "
         "DataCollatorForLanguageModeling batches, full-vocabulary head on all 128 positions, AdamW as the Trainer "
-        "builds it.", "", *rows, "", *kinds, "", *mm, "", common.reproduce("bench/step_profile.py")])
+        "builds it.", "", *rows, "", *kinds, "", *mm, "", *explanation(d, h, p, attention), "",
+        common.reproduce("bench/step_profile.py")])
 
 
 def main() -> None:
@@ -189,7 +246,7 @@ def main() -> None:
             for name, (model, loss, _, optimizer) in sides.items():
                 results[name] = profile_side(model, loss, batches[name], optimizer, args.warmup, args.steps)
     peak += common.cpu_matmul_peak()  # before and after: this shared VM's speed drifts by up to ±20% over minutes
-    body = report(results, peak, args)
+    body = report(results, peak, args, attention_cost())
     print(body)
     common.write_section("profile", body, Path(args.out))
 
