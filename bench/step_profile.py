@@ -163,15 +163,18 @@ def explanation(d: dict, h: dict, p: float, attention: dict[str, float]) -> list
     mm, mm_rate = d["kinds"][KINDS[0][0]], d["matmul_flops_per_s"] / p
     rest = d["plain_ms"] - mm
     target = h["plain_ms"] / 3
+    others = sum(v for k, v in d["kinds"].items() if k != KINDS[0][0]) or 1.0  # the profile's non-matmul self time
+    share = {"softmax and dropout": (d["kinds"].get(KINDS[4][0], 0) + d["kinds"].get(KINDS[6][0], 0)) / others,
+             "else": d["kinds"].get(kind_of("?"), 0) / others}
     return [
         "What this says about the pretraining goals (bench/pretrain.py; equal batches, so step time stands for "
-        "throughput; steps without the profiler, operator times from the profiled ones, whose matmul kernels the "
-        "profiler slows little):",
+        "throughput; step times without the profiler, operator times from the profiled steps, whose matmul kernels "
+        "the profiler slows little; this script's steps run slower than bench/pretrain.py's, so read the ratios):",
         f"- 3× HF needs a dtrain step of ≤ {target:,.0f} ms (HF's {h['plain_ms']:,.0f} / 3). Its matrix multiplies "
         f"alone take {mm:,.0f} ms at {mm_rate:.0%} of the fp32 peak, which would leave {target - mm:,.0f} ms for all "
-        f"the rest; the rest takes {rest:,.0f} ms now: attention's softmax and the dropouts "
-        f"{d['kinds'].get(KINDS[4][0], 0) + d['kinds'].get(KINDS[6][0], 0):,.0f} ms, copies, adds and autograd "
-        f"{d['kinds'].get(kind_of('?'), 0):,.0f} ms.",
+        f"the rest; the rest takes {rest:,.0f} ms now, of which (by the profile's self times) "
+        f"{share['softmax and dropout']:.0%} is attention's softmax and the dropouts and {share['else']:.0%} copies, "
+        f"adds and autograd bookkeeping.",
         f"- MFU ≥ 60% needs the matrix multiplies at ≥ 60% of the peak with almost nothing else in the step: at the "
         f"rate measured here, and with the step as long as now, they make {mm_rate * mm / d['plain_ms']:.0%} MFU "
         f"(the matmul rate × the matmul share of the step).",
