@@ -146,6 +146,11 @@ def set_encoder(model: torch.nn.Module, unpad: bool = True, gradient_checkpointi
     return model
 
 
+def numel(p: torch.Tensor) -> int:
+    """A parameter's size, also when ZeRO-3 built it partitioned (its own tensor is then empty)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied weights counted once)."""
-    return sum(getattr(p, "ds_numel", None) or p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return sum(numel(p) for p in {id(p): p for p in model.parameters()}.values())

@@ -18,6 +18,7 @@ import torch
 
 from dtrain.errors import DtrainError
 from dtrain.model import adapters
+from dtrain.model.bert import numel
 
 METHODS = ("none", "lora", "bitfit", "prompt_tuning", "adapter")
 _IN_LAYER = re.compile(r"^.*?\.layer\.\d+\.")
@@ -167,11 +168,6 @@ def apply_peft(model: torch.nn.Module, cfg: Any, task: PeftTask, sequence_tasks:
     if not trainable:  # peft's modules_to_save is what trains the head; make sure it did
         raise DtrainError(f"peft did not make the task head {head!r} trainable; check the installed peft version")
     return wrapped
-
-
-def numel(p: torch.Tensor) -> int:
-    """A parameter's size, also when ZeRO-3 built it partitioned (its own tensor is then empty)."""
-    return getattr(p, "ds_numel", None) or p.numel()
 
 
 def trainable_summary(model: torch.nn.Module) -> str:

@@ -13,9 +13,11 @@ def held(model):
     """(elements this rank stores, elements of the whole model, the whole model's weights gathered)."""
     import deepspeed
 
+    from dtrain.model.bert import count_parameters
+
     params = list({id(p): p for p in model.parameters()}.values())
     own = sum(p.ds_tensor.numel() if hasattr(p, "ds_id") else p.numel() for p in params)
-    whole = sum(getattr(p, "ds_numel", None) or p.numel() for p in params)
+    whole = count_parameters(model)
     with deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")]):
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return own, whole, weights
