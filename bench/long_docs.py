@@ -116,7 +116,7 @@ def evaluate(run_dir: Path, data: Path, pooling: str, split: str = "test") -> di
     return dtrain_evaluate(str(run_dir / "export"), str(data / split), window_pooling=pooling)
 
 
-def predict_seconds(run_dir: Path, raw: Path, work: Path, reps: int = 3) -> float:
+def predict_seconds(run_dir: Path, raw: Path, work: Path, reps: int) -> float:
     from dtrain.predict import predict
 
     times = []
@@ -158,12 +158,13 @@ def run_set(name: str, raw: Path, work: Path, args: argparse.Namespace) -> tuple
     """Every input mode (and pooling) of one set over the seeds: table rows, and {label: {"test": [accuracy per
     seed], "train_s": ..., "predict_s": ...}}."""
     rows, results = [], {}
-    for mode, flags in MODES.items():
+    for mode in args.modes:
+        flags = MODES[mode]
         data = work / name / mode.replace("+", "_")
         manifest = prepare(raw, data, flags)
         runs = {seed: work / name / f"run-{mode.replace('+', '_')}-s{seed}" for seed in args.seeds}
         done = {seed: finetune(run, data, args, seed) for seed, run in runs.items()}
-        predict_s = median([predict_seconds(run, raw, work) for run in runs.values()])
+        predict_s = median([predict_seconds(run, raw, work, args.predict_reps) for run in runs.values()])
         cut = (f"{manifest['rows']} windows of {manifest['documents']} documents" if mode == "windows"
                else f"{manifest['truncated']} of {manifest['rows']} cut")
         poolings = POOLINGS if mode == "windows" else (None,)
@@ -195,8 +196,15 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")], default=[42, 7],
                     help="comma-separated; each mode is trained once per seed (default 42,7)")
+    ap.add_argument("--modes", type=lambda text: text.split(","), default=list(MODES),
+                    help=f"comma-separated, of {', '.join(MODES)} (default: all; head and windows are needed)")
+    ap.add_argument("--predict-reps", type=int, default=3, help="`dtrain predict` timings per run (the median)")
+    ap.add_argument("--section", default="long_docs", help="the BENCHMARKS.md section written")
     output_args(ap)
     args = ap.parse_args()
+    unknown = sorted(set(args.modes) - set(MODES))
+    if unknown or not {"head", "windows"} <= set(args.modes):
+        ap.error(f"--modes: {','.join(unknown) or args.modes} — give head, windows and optionally head+tail")
     names = args.sets.split(",")
     with work_dir(args.work, "dtrain-bench-long-") as work:
         table, goals = [], []
@@ -210,7 +218,8 @@ def main() -> None:
                          + goal(gain >= 0, f"{gain:+.1f} points, at {cost:.1f}× the training time and "
                                            f"{win['predict_s'] / head['predict_s']:.1f}× the predict time"))
     body = "\n".join([
-        "## Long documents: truncation and windows (`bench/long_docs.py`)", "",
+        "## Long documents: truncation and windows (`bench/long_docs.py`"
+        + ("" if args.section == "long_docs" else f", seeds {', '.join(map(str, args.seeds))}") + ")", "",
         machine_line("transformers", "sklearn"), "",
         f"MiniLM at 128 tokens, `{CONFIG}` ({args.epochs:g} epochs, evaluation per epoch, early stopping, the best "
         f"dev checkpoint tested), torchrun with {args.nproc} processes, seeds {', '.join(map(str, args.seeds))} "
@@ -223,13 +232,15 @@ def main() -> None:
         "their logits (mean_logits). Dev: the kept model's accuracy on the dev set (the one that chose it); "
         "accuracy and macro-F1 per document on the test set. Train s: dtrain's training time (evaluations "
         "excluded); predict s: `dtrain predict` over the test texts (the command's function: model loading "
-        "included, median of 3 per seed, median over the seeds); train s: the median over the seeds.", "",
+        f"included, median of {args.predict_reps} per seed, median over the seeds); train s: the median over the "
+        "seeds.",
+        "",
         "| set | input | prepared (train) | dev % | test accuracy % | test macro-F1 % | steps | train s | predict s |",
         "|---|---|---|---|---|---|---|---|---|", *table, "", "Goals (issue 19):", "", *goals, "",
         reproduce("bench/long_docs.py"),
     ])
     print("\n" + body)
-    write_section("long_docs", body, Path(args.out))
+    write_section(args.section, body, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "consecutive windows (qa: 128; --windows: a quarter of --max-seq-len)")
             p.add_argument("--truncation", choices=TRUNCATIONS, default="head", help="a text longer than "
                            "--max-seq-len keeps its first tokens (head), its last (tail) or both (head_tail)")
-            p.add_argument("--head-share", type=float, default=0.25, help="head_tail: share of the kept tokens taken "
+            p.add_argument("--head-share", type=float, default=None, help="head_tail: share of the kept tokens taken "
                            "from the start (0.25, as Sun et al. 2019)")
             p.add_argument("--windows", action="store_true", help="cut each long text into overlapping windows "
                            "(a sample each; evaluation and predict pool them per text: task.window_pooling)")

@@ -18,7 +18,7 @@ import torch
 
 from dtrain.checkpoint import TRAINER_FILE, latest_checkpoint
 from dtrain.config import load_config
-from dtrain.data.shards import read_manifest
+from dtrain.data.shards import MANIFEST, ShardedDataset, read_manifest
 from dtrain.distributed import DistEnv, barrier
 from dtrain.engine.base import Engine
 from dtrain.engine.ddp import STATE_FILE
@@ -73,6 +73,23 @@ def export_live(engine: Engine, model: torch.nn.Module, tokenizer: Any, out: Pat
     barrier()
 
 
+def trained_on(ckpt: Path, data_train: str) -> str:
+    """The training set of a checkpoint's run, which gives the export its labels and how it cuts long texts: the set
+    its run dir's data.json recorded (an absolute path), refused when re-prepared since; data.train without one."""
+    record = ckpt.parent.parent / "data.json"
+    if ckpt.parent.name != "checkpoints" or not record.is_file():
+        return data_train
+    source = json.loads(record.read_text(encoding="utf-8"))["train"]
+    path = Path(source["path"])
+    if not (path / MANIFEST).is_file():
+        return data_train  # (moved: data.train, as the config names it)
+    if ShardedDataset(path).record()["manifest_sha256"] != source.get("manifest_sha256"):
+        raise DtrainError(f"{ckpt}: its training set {path} no longer matches the manifest the run trained on "
+                          f"(re-prepared since: its manifest.json changed), and the export takes its labels and its "
+                          f"cut of long texts from there; restore that data (the run's own export/ has both)")
+    return str(path)
+
+
 def export(source: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """A checkpoint (or a run dir's latest one) → an HF dir at `out`; returns the checkpoint exported."""
     source = Path(source)
@@ -86,8 +103,9 @@ def export(source: str | Path, out: str | Path, overwrite: bool = False) -> Path
     if cfg.task.type is None:
         model, _ = pretraining_model(cfg.model.name_or_path)
     else:
-        labels = LabelMap.load(Path(cfg.data.train))
-        task = run_task(cfg.task, tokenizer_for(cfg), labels, read_manifest(cfg.data.train), cfg.data.max_seq_len)
+        train = trained_on(ckpt, cfg.data.train)
+        labels = LabelMap.load(Path(train))
+        task = run_task(cfg.task, tokenizer_for(cfg), labels, read_manifest(train), cfg.data.max_seq_len)
         if cfg.distill.student_layers is not None:  # a student of a teacher's layers: the teacher's config, fewer
             model = student_skeleton(cfg, task)     # layers
         elif cfg.model.init_from and Path(cfg.model.init_from).exists():  # as the run built it (it may bring adapters)

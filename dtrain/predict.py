@@ -76,13 +76,14 @@ def load_finetuned(path: str | Path, prompt: str | Path | None = None
 
 
 def _bind(kind: Task, options: Any, tok: Any, labels: list[str], pairs: bool, max_seq_len: int,
-          prompt: str | None, model_path: str | Path, data: str, model: Any, pooling: str | None) -> Task:
+          prompt: str | None, model_path: str | Path, data: str, recalled: tuple[Cut, str | None],
+          pooling: str | None) -> Task:
     """The task with its settings (from --prompt, or as the model saved them), reading long texts as the model was
-    trained to (its saved Cut; `pooling`: --window-pooling, else the saved one); errors name where they came
-    from."""
+    trained to (`recalled`: its saved Cut and pooling, Cut.recall; `pooling`: --window-pooling, else the saved one);
+    errors name where they came from."""
     where = f"--prompt {prompt}: {{key}}" if prompt is not None else \
         f"{export_dir_of(model_path)}/config.json: {CONFIG_KEY}.{{key}}"
-    cut, saved = Cut.recall(model.config.to_dict())
+    cut, saved = recalled
     at = "--window-pooling" if pooling is not None else f"{export_dir_of(model_path)}/config.json: {TEXT_KEY}.pooling"
     return kind.bind(options, tok, labels, pairs, max_seq_len, where, data).reading(cut, pooling or saved, at)
 
@@ -168,7 +169,8 @@ def predict(model_path: str, input_path: str, output: str, text_field: str = "te
     if max_seq_len and max_seq_len > model.config.max_position_embeddings:
         raise DtrainError(f"--max-seq-len {max_seq_len}: the model has {model.config.max_position_embeddings} "
                           f"positions; pass at most that (or leave it out)")
-    trained = Cut.recall(model.config.to_dict())[0]  # (a model of cut or windowed texts: its training length)
+    recalled = Cut.recall(model.config.to_dict())
+    trained = recalled[0]  # (a model of cut or windowed texts: its training length)
     limit = max_seq_len or (None if trained.plain else trained.max_seq_len) or model.config.max_position_embeddings
     if trained.windows and trained.stride >= text_room(limit, text_pair_field is not None):
         pair = " with --text-pair-field (half the window for the pair)" if text_pair_field else ""
@@ -177,7 +179,7 @@ def predict(model_path: str, input_path: str, output: str, text_field: str = "te
                           f"{trained.stride}; pass --max-seq-len {trained.max_seq_len} (its training length) or "
                           f"leave it out")
     task = _bind(kind, options, tok, labels, text_pair_field is not None, limit, prompt, model_path,
-                 "the input (--text-pair-field)", model, window_pooling)
+                 "the input (--text-pair-field)", recalled, window_pooling)
     fields = {"text": text_field, "text_pair": text_pair_field, "question": question_field, "context": context_field}
     need = task.input_fields(fields)
     rows = read_inputs(Path(input_path), need)
@@ -208,7 +210,7 @@ def evaluate(model_path: str, data_path: str, batch_size: int = 32, threshold: f
     expected = LabelMap(prepared.task if kind.trains_on(prepared.task) else kind.name, labels)
     prepared.check_same(expected, f"--data {data_path}")  # (before the prompt is checked against its labels)
     task = _bind(kind, options, tok, labels, get_task(prepared.task).has_pairs, model.config.max_position_embeddings,
-                 prompt, model_path, f"--data {data_path}", model, window_pooling)
+                 prompt, model_path, f"--data {data_path}", Cut.recall(model.config.to_dict()), window_pooling)
     head = Head(task)
     loader = StreamLoader(StreamingDataset(data, batch_size, shuffle=False, drop_last=False, rank=0, world_size=1),
                           FinetuneCollator(task, tok.pad_token_id, len(labels)), num_workers=0)

@@ -96,7 +96,16 @@ def mix_replay(cfg: Any, train: ShardedDataset, labels: LabelMap,
         keys = [f"{KEY} ({s['path']}, recorded by model.init_from)" for s in sources]
     for data, key in zip(old, keys, strict=True):
         LabelMap.load(data.path).check_same(labels, key)
-    # per new document (a windowed set: its documents, each weighing 1 in the loss); a windowed old set's replayed
-    # windows weigh 1/windows each (README: replay counts old rows, not old documents)
-    count = max(1, round(c.replay_fraction * int(train.manifest.get("documents") or len(train))))
-    return MixedDataset(train, old, count, cfg.seed)
+    return MixedDataset(train, old, replay_count(c.replay_fraction, train, old), cfg.seed)
+
+
+def replay_count(fraction: float, new: ShardedDataset, old: list[ShardedDataset]) -> int:
+    """Old rows to mix in for `fraction` old documents per new document. A windowed set's rows are windows that weigh
+    1/windows each in the loss (a document counts once), and a window drawn uniformly from a set weighs its
+    documents/rows on average: so the draw takes the old sets' windows per document times as many rows, and old and
+    new documents weigh alike whether either set is windowed or not."""
+    def documents(data: ShardedDataset) -> int:
+        return int(data.manifest.get("documents") or len(data))
+
+    rows_per_document = sum(len(d) for d in old) / max(1, sum(documents(d) for d in old))
+    return max(1, round(fraction * documents(new) * rows_per_document))

@@ -95,6 +95,7 @@ class Task:
     batch_fields: tuple[str, ...] = ()  # per-row integers of predict_encode's output that the batches carry
     distills = True  # learns from a teacher's soft targets (distill_loss: a distribution over labels per target)
     reads_windows = True  # one output per text that windows of a long one pool into (not ner, qa, prompt)
+    own_stride = False  # --doc-stride sets the overlap of the task's own windows (qa), not only of --windows
     cut = PLAIN  # how this run's task reads a long text (`reading`: the training data's --truncation/--windows)
     pooling: str | None = None  # how a document's windows pool (task.window_pooling; None: mean)
 

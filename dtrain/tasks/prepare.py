@@ -29,7 +29,7 @@ def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
                      max_seq_len: int = 128, text_field: str = "text", text_pair_field: str | None = None,
                      label_field: str = "label", labels: str | None = None, workers: int | None = None,
                      shard_bytes: int = 64 << 20, overwrite: bool = False, command: str | None = None,
-                     doc_stride: int | None = None, truncation: str = "head", head_share: float = 0.25,
+                     doc_stride: int | None = None, truncation: str = "head", head_share: float | None = None,
                      windows: bool = False, max_windows: int | None = None) -> dict:
     """Labelled CSV/TSV/JSONL rows, CoNLL sentences or SQuAD JSON → fine-tuning shards + labels.json in `out`
     (for qa also examples.jsonl: id, question, context, answers, to turn predicted spans back into text).
@@ -46,9 +46,13 @@ def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
     if max_seq_len < MIN_SEQ_LEN:  # before any work (the upper bound needs the tokenizer: below)
         check_prepare_len(max_seq_len, None, tokenizer, None)
     kind = TASKS[task] if task is not None else None
-    cut = Cut(truncation, head_share, windows, doc_stride, max_windows)
+    if head_share is not None and truncation != "head_tail":
+        raise ShardError(f"--head-share {head_share:g}: the share of the head in --truncation head_tail; add "
+                         f"--truncation head_tail or remove --head-share")
+    share = 0.25 if head_share is None else head_share
+    cut = Cut(truncation, share, windows, doc_stride, max_windows)
     if windows and doc_stride is None:
-        cut = Cut(truncation, head_share, windows, cut.overlap(max_seq_len), max_windows)
+        cut = Cut(truncation, share, windows, cut.overlap(max_seq_len), max_windows)
     cut.check(max_seq_len, text_pair_field is not None or (kind is not None and kind.has_pairs))
     check_prepare_out(out, inputs, tokenizer, labels, overwrite)
     files = input_files(inputs, (kind or Task).input_suffixes)
@@ -65,6 +69,9 @@ def prepare_finetune(inputs: list[str], out: str | os.PathLike, tokenizer: str, 
         flag = "--windows" if windows else f"--truncation {truncation}"
         raise ShardError(f"{flag}: task {kind.name} cuts its inputs its own way (ner: sentences; qa: windows of the "
                          f"context, --doc-stride); it applies to classification, pair, multilabel and regression")
+    if doc_stride is not None and not windows and not kind.own_stride:
+        raise ShardError(f"--doc-stride {doc_stride}: the overlap of --windows (and of qa's windows), but task "
+                         f"{kind.name} is not cut into windows here; add --windows or remove --doc-stride")
     if labels:
         label_map = LabelMap.load(labels)
         if label_map.task != kind.name:

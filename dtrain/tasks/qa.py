@@ -129,6 +129,7 @@ class Qa(Task):
     name = "qa"
     distills = False  # (no soft-target loss written yet)
     reads_windows = False  # (its windows are its own: the best span over them)
+    own_stride = True
     hf_class = "BertForQuestionAnswering"
     default_metric = "f1"
     head_module = "qa_outputs"

@@ -83,5 +83,6 @@ def write_task(task: str, root: Path, tokenizer_dir: Path, seed: int = 0) -> dic
             raw = root / f"{split}.jsonl"
             raw.write_text("".join(json.dumps(make(rng)) + "\n" for _ in range(n)))
         prepare_finetune([str(raw)], root / split, str(tokenizer_dir), task=task, max_seq_len=32, workers=1,
-                         labels=None if split == "train" else str(root / "train"), doc_stride=8)
+                         labels=None if split == "train" else str(root / "train"),
+                         doc_stride=8 if task == "qa" else None)
     return {split: root / split for split, _ in SIZES}

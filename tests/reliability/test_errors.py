@@ -307,6 +307,10 @@ CASES = [
          (*DTRAIN, "evaluate", "--model", "{run_dir}", "--data", "{dev}", "--threshold", "2"),
          E + "--threshold 2: a probability between 0 and 1 (exclusive), e.g. 0.5"),
     # -- outputs: an output is never an input, inside or above one; --overwrite replaces only the same kind -----------
+    Case("checkpoint", "export-training-set-re-prepared", (*DTRAIN, "export", "{reprepared_run}", "{files}/hf"),
+         E + "<reprepared_run>/checkpoints/step-00000001: its training set <reprepared_data> no longer matches the "
+             "manifest the run trained on (re-prepared since: its manifest.json changed), and the export takes its "
+             "labels and its cut of long texts from there; restore that data (the run's own export/ has both)"),
     Case("outputs", "export-into-its-run", (*DTRAIN, "export", "{run_dir}", "{run_dir}", "--overwrite"),
          E + "OUT <run_dir> contains the checkpoint <run_dir>/checkpoints/step-00000001; write the output to a path "
              "that does not hold the command's inputs"),
@@ -398,6 +402,14 @@ CASES = [
     Case("windows", "max-windows-zero", (*PREPARE_FT, "{files}/reviews.jsonl", "--windows", "--max-windows", "0"),
          E + "--max-windows 0: a document keeps at least 1 window; pass 1 or more (or leave it out: every window)",
          files={"reviews.jsonl": TWO_LABELS}),
+    Case("windows", "doc-stride-without-windows",
+         (*PREPARE_FT, "{files}/reviews.jsonl", "--doc-stride", "8"),
+         E + "--doc-stride 8: the overlap of --windows (and of qa's windows), but task classification is not cut "
+             "into windows here; add --windows or remove --doc-stride", files={"reviews.jsonl": TWO_LABELS}),
+    Case("windows", "head-share-without-head-tail",
+         (*PREPARE_FT, "{files}/reviews.jsonl", "--head-share", "0.5"),
+         E + "--head-share 0.5: the share of the head in --truncation head_tail; add --truncation head_tail or "
+             "remove --head-share", files={"reviews.jsonl": TWO_LABELS}),
     Case("windows", "window-pooling-undefined", (*PROMPT, "task.window_pooling=max"),
          E + "task.window_pooling=max: task prompt has no per-document output to pool or cut (ner labels tokens, qa "
              "windows its contexts itself, prompt wraps the whole text); remove it"),

@@ -50,6 +50,25 @@ def test_a_mix_is_the_new_rows_then_the_replayed_ones(two_sets):
     assert [r["path"] for r in record["replayed"]] == [str(old1.path.resolve()), str(old2.path.resolve())]
 
 
+class _Counted:
+    """A prepared set as replay_count sees it: its rows, and its documents when windowed."""
+
+    def __init__(self, rows: int, documents: int | None = None):
+        self.rows, self.manifest = rows, {"rows": rows, **({"documents": documents} if documents else {})}
+
+    def __len__(self) -> int:
+        return self.rows
+
+
+def test_replay_draws_old_documents_per_new_document_windowed_or_not():
+    assert replay.replay_count(0.5, _Counted(100), [_Counted(300)]) == 50  # plain sets: rows are documents
+    # new: 100 documents in 400 windows; old: 200 documents in 600 windows (3 windows each, each weighing 1/3):
+    # 50 old documents' weight takes 150 old windows
+    assert replay.replay_count(0.5, _Counted(400, 100), [_Counted(600, 200)]) == 150
+    assert replay.replay_count(0.5, _Counted(400, 100), [_Counted(600, 200), _Counted(200)]) == 100  # 800 / 400
+    assert replay.replay_count(0.001, _Counted(10), [_Counted(10)]) == 1  # at least one row
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_every_epoch_streams_each_mixed_row_exactly_once_at_any_world_size(two_sets, world):
     new, old1, _ = two_sets
