@@ -206,3 +206,27 @@ def test_zero3_peft_export_is_the_checkpoints(tokenizer_dir, tmp_path, method):
     ours, rebuilt = (load_file(tmp_path / d / name) for d in ("run/export", "exported"))
     assert sorted(ours) == sorted(rebuilt) and len(ours) > 1
     assert all(torch.equal(ours[k], rebuilt[k]) for k in ours)
+
+
+@pytest.fixture(scope="module")
+def eager_without_dropout(corpus_data, tokenizer_dir, tmp_path_factory, steps):
+    out = tmp_path_factory.mktemp("eager")
+    result = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, out, *steps, "model.dropout=0",
+                                                   "checkpoint.export=false"), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return losses(result)
+
+
+@pytest.mark.parametrize("engine", [("parallel.engine=ddp",), ("parallel.engine=deepspeed", "parallel.zero_stage=2")],
+                         ids=["ddp", "zero2"])
+def test_compiled_encoder_trains_as_the_eager_one_under_ddp_and_zero2(corpus_data, tokenizer_dir, tmp_path,
+                                                                       eager_without_dropout, steps, engine):
+    """model.compile under a 2-rank DDP or DeepSpeed ZeRO-2 engine: the same losses as eager (dropout off: inductor
+    draws its own dropout masks)."""
+    result = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, tmp_path, *steps, "model.dropout=0",
+                                                   "model.compile=true", "checkpoint.export=false", *engine), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = losses(result)
+    assert sorted(ours) == sorted(eager_without_dropout) == [1, 2, 3, 4]
+    for step, loss in ours.items():
+        assert loss == pytest.approx(eager_without_dropout[step], abs=1e-4), (engine, step)
