@@ -49,7 +49,7 @@ class DataConfig:
     shuffle: bool = opt(True, "Shuffle shards and samples each epoch (deterministic from seed and epoch)")
     drop_last: bool = opt(True, "Drop the last incomplete global batch of an epoch instead of padding it")
     shuffle_block: int = opt(65536, "Samples shuffled together after the shard order is permuted", ge=1)
-    bucket_window: int = opt(0, "Fine-tuning: batch similar lengths (sorted in windows of N samples; 0 = off)", ge=0)
+    bucket_window: int = opt(0, "Batch similar lengths (sorted in windows of N samples; 0 = off)", ge=0)
     verify: Literal["size", "full"] = opt("size", "Shard check when a dataset is opened: size, or full sha256")
     mlm_probability: float = opt(0.15, "Fraction of tokens selected for MLM prediction", gt=0, lt=1)
     whole_word_masking: bool = opt(False, "Mask all WordPiece pieces of a word together")

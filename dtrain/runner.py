@@ -101,10 +101,11 @@ def open_data(cfg: Config, path: str | None, key: str, tokenizer: Any) -> Sharde
 
 
 def stream(cfg: Config, data: ShardedDataset, collate: Callable, env: DistEnv, train: bool) -> StreamLoader:
+    # A collator that builds its samples at read time (pretraining's NSP pairs) says how long they will be.
     dataset = StreamingDataset(data, cfg.data.micro_batch_size, seed=cfg.seed, shuffle=train and cfg.data.shuffle,
                                drop_last=train and cfg.data.drop_last, shuffle_block=cfg.data.shuffle_block,
                                bucket_window=cfg.data.bucket_window, rank=env.rank,
-                               world_size=env.world_size)
+                               world_size=env.world_size, lengths=getattr(collate, "bucket_lengths", None))
     return StreamLoader(dataset, collate, num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda")
 
 

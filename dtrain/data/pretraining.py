@@ -90,6 +90,7 @@ class PretrainingCollator:
         placeholder = np.array([p.startswith("[") and p.endswith("]") for p in pieces], dtype=bool)  # [unused12]
         self.replacements = np.flatnonzero(~self.special & ~placeholder)
         self.continuation = np.array([p.startswith("##") for p in pieces], dtype=bool)
+        self._rest: np.ndarray | None = None  # bucket_lengths' per-sample tokens to the document's end
 
     # -- NSP ------------------------------------------------------------------------------------------------------
 
@@ -147,6 +148,24 @@ class PretrainingCollator:
         BERT's create_instances_from_document; decided here, at read time, so it varies from epoch to epoch."""
         max_tokens = self.max_seq_len - 3
         return max_tokens if u[0] >= self.short_seq_prob else 2 + int(u[1] * (max_tokens - 1))
+
+    def bucket_lengths(self, indices: np.ndarray, epoch: int) -> np.ndarray:
+        """The length each sample's pair will have in `epoch` ([CLS] and two [SEP] included), for data.bucket_window,
+        from the draws `pair` makes and two columns: its target, or for a true-next pair the text up to its
+        document's end where that is shorter (A + B run from the sample's start on into the document)."""
+        if self._rest is None:  # tokens from each sample's start to its document's end
+            lengths, docs = self.data.column("length").astype(np.int64), self.data.column("doc")
+            last = np.flatnonzero(np.append(docs[1:] != docs[:-1], True))  # each document's last sample
+            suffix = np.append(np.cumsum(lengths[::-1])[::-1], 0)
+            self._rest = suffix[:-1] - suffix[last[np.searchsorted(last, np.arange(len(docs)))] + 1]
+        indices = np.asarray(indices, dtype=np.int64)
+        u = uniform(sample_keys(self.seed, epoch, indices)[:, None], _STREAM_PAIR, np.arange(4))
+        max_tokens = self.max_seq_len - 3
+        target = np.where(u[:, 0] >= self.short_seq_prob, max_tokens,
+                          2 + (u[:, 1] * (max_tokens - 1)).astype(np.int64))
+        rest = self._rest[indices]
+        true_next = (u[:, 3] < self.nsp_probability) & (rest > 1)  # a document's last token alone: a random B
+        return np.where(true_next, np.minimum(target, rest), target) + 3
 
     def pair(self, sample: dict[str, Any], u: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
         """(segment A, segment B, next_sentence_label, the document B comes from) for one sample, from its

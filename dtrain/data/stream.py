@@ -1,8 +1,9 @@
 """StreamingDataset: every rank and DataLoader worker gets its own slice of one global, deterministic epoch order.
 
 The global order of an epoch is a pure function of (seed, epoch, the dataset's shard layout, the shuffle options):
-shards are permuted, the resulting sequence is shuffled within blocks of `shuffle_block` samples, and (for
-fine-tuning) optionally sorted by length within windows of `bucket_window` samples. World size and worker count
+shards are permuted, the resulting sequence is shuffled within blocks of `shuffle_block` samples, and it is
+optionally sorted by length within windows of `bucket_window` samples (the rows' lengths, or what the collator says a
+sample's length will be: pretraining's NSP pairs are built at read time, epoch by epoch). World size and worker count
 never enter it. Ranks then take interleaved positions (rank r: start+r, start+r+W, ...) and each worker whole
 micro-batches in turn (worker w: the rank's batches w, w+K, ...), which is exactly the order in which
 `torch.utils.data.DataLoader` hands batches back, so the training loop sees the rank's slice in order.
@@ -37,7 +38,8 @@ class EpochOrder:
     """The global sample order of one epoch, computed block by block (memory ~ one block, not the dataset)."""
 
     def __init__(self, shard_rows: list[int], seed: int, epoch: int, shuffle: bool = True,
-                 shuffle_block: int = 1 << 16, lengths: np.ndarray | None = None, bucket_window: int = 0):
+                 shuffle_block: int = 1 << 16, lengths: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
+                 bucket_window: int = 0):
         rows = np.asarray(shard_rows, dtype=np.int64)
         self.n = int(rows.sum())
         starts = np.concatenate([[0], np.cumsum(rows)[:-1]])
@@ -84,7 +86,8 @@ class EpochOrder:
         """Window w sorted by length, then cut into runs of similar length whose order is shuffled."""
         def make() -> np.ndarray:
             ids = self._shuffled(w * self.window, min((w + 1) * self.window, self.n))
-            ids = ids[np.argsort(self.lengths[ids], kind="stable")]
+            lengths = self.lengths(ids) if callable(self.lengths) else self.lengths[ids]
+            ids = ids[np.argsort(lengths, kind="stable")]
             run = 64
             runs = [ids[i:i + run] for i in range(0, len(ids), run)]
             order = _rng(self.seed, self.epoch, 2, w).permutation(len(runs)) if self.shuffle else range(len(runs))
@@ -123,7 +126,8 @@ class StreamingDataset(IterableDataset):
     def __init__(self, path_or_data: str | os.PathLike | ShardedDataset, batch_size: int, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = True, shuffle_block: int = 1 << 16,
                  bucket_window: int = 0, rank: int | None = None, world_size: int | None = None,
-                 verify: str = "size", expect_fingerprint: str | None = None):
+                 verify: str = "size", expect_fingerprint: str | None = None,
+                 lengths: Callable[[np.ndarray, int], np.ndarray] | None = None):
         self.data = (ShardedDataset(path_or_data, verify=verify, expect_fingerprint=expect_fingerprint)
                      if isinstance(path_or_data, (str, os.PathLike)) else path_or_data)  # or a mix (data/mix.py)
         if batch_size < 1:
@@ -135,7 +139,12 @@ class StreamingDataset(IterableDataset):
             raise DtrainError(f"rank {self.rank} is not in a world of size {self.world_size}")
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.shuffle_block, self.bucket_window = shuffle_block, bucket_window
-        self._lengths = self.data.column("length") if bucket_window else None
+        # What bucketing sorts by: the length each sample will have in its batch, from (sample ids, epoch); by
+        # default the rows' `length` column.
+        self._length_of = lengths
+        self._lengths = self.data.column("length") if bucket_window and lengths is None else None
+        if bucket_window and lengths is not None:
+            lengths(np.zeros(1, dtype=np.int64), 0)  # the collator's tables built once, before DataLoader workers fork
         self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
@@ -157,8 +166,10 @@ class StreamingDataset(IterableDataset):
         return steps * self.batch_size
 
     def order(self, epoch: int) -> EpochOrder:
+        length_of = self._length_of
+        lengths = self._lengths if length_of is None else (lambda ids: length_of(ids, epoch))
         return EpochOrder([s["rows"] for s in self.data.shards], self.seed, epoch, self.shuffle, self.shuffle_block,
-                          self._lengths, self.bucket_window)
+                          lengths, self.bucket_window)
 
     def positions(self, batch: int) -> np.ndarray:
         """Global positions of this rank's `batch`-th micro-batch from the resume point (>= n: a padding repeat)."""
@@ -229,7 +240,8 @@ class StreamLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position,
                 "num_samples": len(self.dataset.data), "seed": self.dataset.seed, "world_size":
-                self.dataset.world_size, "batch_size": self.dataset.batch_size}
+                self.dataset.world_size, "batch_size": self.dataset.batch_size,
+                "bucket_window": self.dataset.bucket_window}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -241,4 +253,9 @@ class StreamLoader:
         if state["seed"] != self.dataset.seed:
             raise DtrainError(f"the checkpoint's data order used seed {state['seed']}, this run uses "
                               f"{self.dataset.seed}; resume with the same seed")
+        window = state.get("bucket_window", self.dataset.bucket_window)  # (not recorded before)
+        if int(state["position"]) > 0 and window != self.dataset.bucket_window:
+            raise DtrainError(f"the checkpoint stopped inside an epoch ordered with data.bucket_window={window}, "
+                              f"this run sets {self.dataset.bucket_window}: the rest of the epoch would repeat and "
+                              f"skip samples; resume with data.bucket_window={window}")
         self.epoch, self.position = int(state["epoch"]), min(int(state["position"]), n)

@@ -16,12 +16,13 @@ bottleneck adapters or wrapped by LoRA are called as they are.
 
 The padded path is taken where this one does not apply: inputs_embeds (soft prompts), explicit position ids,
 attention outputs or hidden states asked for, a decoder config, gradient checkpointing, or attn_implementation other
-than sdpa. A batch without padding takes this path too (a few copies; the path never depends on the data, so all
-ranks call the same modules in the same order, as ZeRO-3 needs). Reading the token count (`nonzero`) is one host
+than sdpa. A batch without padding takes this path too, with the gathers and scatters skipped and attention
+unmasked (eager only; it is then HF's arithmetic). The modules called and their order never depend on the data, so
+all ranks call the same modules in the same order, as ZeRO-3 needs. Reading the token count (`nonzero`) is one host
 sync per forward on a GPU and a graph break under model.compile (the regions either side compile with dynamic
 shapes). Dropout draws differ from the padded path's (other shapes), so outputs are equal to HF's with dropout off
-(tests/unit/test_unpad.py) and distributed alike with it on (each output's mean and spread over many
-draws, tested).
+(tests/unit/test_unpad.py) and distributed alike with it on (each output's mean and spread over many draws,
+tested).
 """
 
 from __future__ import annotations
@@ -56,17 +57,25 @@ class UnpaddedBertModel(BertModel):
                                    **kwargs)
         batch, length = input_ids.shape
         real = attention_mask.reshape(-1).nonzero().squeeze(1)  # [T] positions of the real tokens in B·L
+        # No padding: the gathers and scatters are the identity and attention needs no mask. Not under model.compile,
+        # where the test would guard the graph on the token count and compile it twice.
+        full = not torch.compiler.is_compiling() and len(real) == batch * length
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        positions = torch.arange(length, device=input_ids.device).expand(batch, length).reshape(-1)[real]
-        emb = self.embeddings
-        x = emb.word_embeddings(input_ids.reshape(-1)[real])
-        x = x + emb.token_type_embeddings(token_type_ids.reshape(-1)[real])
-        x = emb.dropout(emb.LayerNorm(x + emb.position_embeddings(positions)))
-        keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L]: which keys a query may attend to
+
+        def gather(t: torch.Tensor) -> torch.Tensor:  # [B, L] → [T]
+            return t.reshape(-1) if full else t.reshape(-1)[real]
 
         def repad(t: torch.Tensor) -> torch.Tensor:  # [T, n] → [B, L, n] with zeros at padding
+            if full:
+                return t.view(batch, length, -1)
             return t.new_zeros(batch * length, t.shape[-1]).index_copy(0, real, t).view(batch, length, -1)
+
+        positions = gather(torch.arange(length, device=input_ids.device).expand(batch, length))
+        emb = self.embeddings
+        x = emb.word_embeddings(gather(input_ids)) + emb.token_type_embeddings(gather(token_type_ids))
+        x = emb.dropout(emb.LayerNorm(x + emb.position_embeddings(positions)))
+        keys = None if full else attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L]: the keys a query may see
 
         for layer in self.encoder.layer:
             attention = layer.attention.self
@@ -74,7 +83,8 @@ class UnpaddedBertModel(BertModel):
                        for proj in (attention.query, attention.key, attention.value))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, scale=attention.scaling,
                                                  dropout_p=attention.dropout.p if self.training else 0.0)
-            out = out.transpose(1, 2).reshape(batch * length, -1).index_select(0, real)
+            out = out.transpose(1, 2).reshape(batch * length, -1)
+            out = out if full else out.index_select(0, real)
             x = layer.attention.output(out, x)
             x = layer.output(layer.intermediate(x), x)
         sequence = repad(x)

@@ -33,6 +33,14 @@ def ckpt(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:08d}"
 
 
+def failure(stderr: str) -> str:
+    """What a failed leg said: the lines naming the cause (a C++ abort's `what()` sits far above torchrun's summary,
+    which fills the tail), then the tail."""
+    cues = ("terminate", "what()", "Error", "error:", "Abort", "Signal", "Traceback")
+    causes = [line for line in stderr.splitlines() if any(c in line for c in cues)]
+    return "\n".join(causes[:40]) + "\n...\n" + stderr[-3000:]
+
+
 def chain(corpus_data, tokenizer_dir, run_dir, legs, *extra):
     """Train the legs in turn in one run_dir, each resuming from the last one's checkpoint; their results."""
     results = []
@@ -40,7 +48,7 @@ def chain(corpus_data, tokenizer_dir, run_dir, legs, *extra):
         result = run("dtrain.pretrain", *pretrain_args(corpus_data, tokenizer_dir, run_dir, *COMMON, *extra,
                                                        f"data.micro_batch_size={GLOBAL_BATCH // ranks}",
                                                        f"schedule.stop_at_step={last}"), nproc=ranks)
-        assert result.returncode == 0, (ranks, last, result.stderr[-3000:])
+        assert result.returncode == 0, (ranks, last, failure(result.stderr))
         results.append(result)
     return results
 

@@ -193,3 +193,42 @@ def test_truncate_pair_longest_first():
     assert (len(ta), len(tb)) == (3, 4) and tb.tolist() == [0, 1, 2, 3]
     ta, tb = truncate_pair(np.arange(3), np.arange(3), 10)
     assert (len(ta), len(tb)) == (3, 3)
+
+
+def test_bucket_lengths_are_the_pairs_lengths(big_data, tok):
+    """data.bucket_window sorts pretraining samples by bucket_lengths: the length the pair will have, from the draws
+    the collator makes and two columns, without building it (off only where a random B falls short)."""
+    col = PretrainingCollator(big_data, tok, 128, seed=6)
+    n = len(big_data)
+    got = {epoch: col.bucket_lengths(np.arange(n), epoch) for epoch in (0, 1)}
+    built = {0: np.zeros(n, dtype=np.int64), 1: np.zeros(n, dtype=np.int64)}
+    for sample, e in examples(col, big_data, epochs=2):
+        built[int(sample["epoch"])][int(sample["index"])] = len(e["input_ids"])
+    for epoch in (0, 1):
+        assert (built[epoch] == got[epoch]).mean() > 0.99
+        assert 0.05 < (got[epoch] < 128).mean() < 0.3  # short targets (10%) and documents' ends
+    assert (got[0] != got[1]).any()  # drawn anew each epoch
+    assert (col.bucket_lengths(np.array([7, 3]), 1) == got[1][[7, 3]]).all()
+
+
+def test_bucketed_pretraining_batches_carry_less_padding_and_every_sample_once(big_data, tok):
+    from dtrain.data.stream import StreamingDataset, StreamLoader
+
+    col = PretrainingCollator(big_data, tok, 128, seed=6, pad_to_multiple_of=1)
+
+    def epoch(world, **kw):
+        real = padded = 0
+        seen = []
+        for rank in range(world):
+            ds = StreamingDataset(big_data, 8, seed=6, rank=rank, world_size=world, drop_last=False, **kw)
+            for b in StreamLoader(ds, col):
+                real += int(b["attention_mask"].sum())
+                padded += b["attention_mask"].numel()
+                seen += b["index"][~b["pad"]].tolist()
+        return 1 - real / padded, seen
+
+    plain, _ = epoch(1)
+    for world in (1, 2):
+        bucketed, seen = epoch(world, bucket_window=512, lengths=col.bucket_lengths)
+        assert Counter(seen) == Counter(range(len(big_data)))
+        assert bucketed < plain / 2, (bucketed, plain)

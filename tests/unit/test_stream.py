@@ -159,3 +159,17 @@ def test_bucketing_groups_similar_lengths(pretrain_data):
     batches = [plain[0][i:i + 8] for i in range(0, len(plain[0]), 8)]
     spread_plain = np.mean([lengths[b].max() - lengths[b].min() for b in batches])
     assert spread_bucketed < spread_plain / 3
+
+
+def test_resuming_inside_an_epoch_with_another_bucket_window_is_refused(pretrain_data):
+    ld = loaders(pretrain_data, 1, batch=2, bucket_window=64)[0]
+    next(iter(ld))
+    state = ld.state_dict()
+    assert state["bucket_window"] == 64 and state["position"] == 2
+    plain = loaders(pretrain_data, 1, batch=2)[0]
+    with pytest.raises(DtrainError, match=r"inside an epoch ordered with data\.bucket_window=64, this run sets 0: "
+                                          r"the rest of the epoch would repeat and skip samples; resume with "
+                                          r"data\.bucket_window=64"):
+        plain.load_state_dict(state)
+    plain.load_state_dict(state | {"position": 0})  # at an epoch's start the order may change
+    plain.load_state_dict({k: v for k, v in state.items() if k != "bucket_window"})  # a state from before: taken
