@@ -16,6 +16,24 @@ def read_ledger(run_dir: Path) -> dict[int, list[tuple[int, list[int]]]]:
     return out
 
 
+class SampleIds:
+    """A collator of the sample ids only; for pretraining it orders samples as the run's PretrainingCollator does
+    (data.bucket_window sorts by the pairs' lengths, which that collator says)."""
+
+    def __init__(self, cfg, data):  # noqa: ANN001
+        if data.manifest.get("kind") == "pretrain":
+            from dtrain.data.pretraining import PretrainingCollator
+            from dtrain.model.tokenizer import tokenizer_for
+
+            d = cfg.data
+            self.bucket_lengths = PretrainingCollator(data, tokenizer_for(cfg), d.max_seq_len, cfg.seed,
+                                                      d.mlm_probability, d.max_predictions_per_seq,
+                                                      d.whole_word_masking, d.nsp_probability).bucket_lengths
+
+    def __call__(self, batch: list[dict]) -> list[int]:
+        return [int(s["index"]) for s in batch if not s["pad"]]
+
+
 def expected_ledger(config: str, overrides: list[str], world_size: int, steps: int) -> dict[int, list[int]]:
     """{step: sorted sample ids of all ranks} of an uninterrupted run, from the same stream the trainer reads."""
     from dtrain import runner
@@ -26,9 +44,10 @@ def expected_ledger(config: str, overrides: list[str], world_size: int, steps: i
     data = ShardedDataset(cfg.data.train)
     accum = cfg.schedule.grad_accum_steps
     out = {s: [] for s in range(1, steps + 1)}
+    collate = SampleIds(cfg, data)
     for rank in range(world_size):
         env = SimpleNamespace(rank=rank, world_size=world_size, device=torch.device("cpu"))
-        loader = runner.stream(cfg, data, lambda batch: [int(s["index"]) for s in batch if not s["pad"]], env, True)
+        loader = runner.stream(cfg, data, collate, env, True)
         micro: list[list[int]] = []
         while len(micro) < steps * accum:
             micro.extend(loader)
